@@ -1,0 +1,202 @@
+"""The one typed config system: pydantic models, shared by checkpoints, training and generation.
+
+Configs are strict (unknown keys are errors) so that a typo in a config file fails loudly instead of
+silently training the wrong model.
+"""
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import tomllib
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, ValidationError, model_validator
+
+from .errors import UserError
+
+Attention = Literal["full", "block", "causal"]
+Objective = Literal["mdlm", "bd3lm", "ar"]
+
+# Which attention each objective trains; a mismatch would silently train a broken model.
+OBJECTIVE_ATTENTION: dict[str, str] = {"mdlm": "full", "bd3lm": "block", "ar": "causal"}
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", protected_namespaces=(), validate_assignment=True)
+
+
+class ArchConfig(Strict):
+    """Network shape. Token ids and vocabulary come from the tokenizer (see ModelConfig)."""
+
+    d_model: int = 256
+    n_layers: int = 6
+    n_heads: int = 8
+    n_kv_heads: int | None = None  # None -> n_heads (no GQA)
+    mlp_hidden: int | None = None  # None -> SwiGLU's usual 8/3 * d_model, rounded up to 64
+    max_seq_len: int = 1024
+    rope_theta: float = 10000.0
+    norm_eps: float = 1e-5
+    tie_embeddings: bool = True
+    attention: Attention = "block"
+    block_size: int = 16
+    objective: Objective = "bd3lm"
+
+    @model_validator(mode="after")
+    def _check(self):
+        if self.d_model % self.n_heads:
+            raise ValueError(f"d_model={self.d_model} is not divisible by n_heads={self.n_heads}")
+        if (self.d_model // self.n_heads) % 2:
+            raise ValueError("head_dim (d_model / n_heads) must be even for RoPE")
+        kv = self.n_kv_heads or self.n_heads
+        if self.n_heads % kv:
+            raise ValueError(f"n_heads={self.n_heads} is not divisible by n_kv_heads={kv}")
+        if self.block_size < 1:
+            raise ValueError("block_size must be >= 1")
+        want = OBJECTIVE_ATTENTION[self.objective]
+        if self.attention != want:
+            raise ValueError(f"objective {self.objective!r} needs attention {want!r}, got {self.attention!r}")
+        return self
+
+    @property
+    def head_dim(self) -> int:
+        return self.d_model // self.n_heads
+
+    @property
+    def kv_heads(self) -> int:
+        return self.n_kv_heads or self.n_heads
+
+    @property
+    def hidden(self) -> int:
+        if self.mlp_hidden:
+            return self.mlp_hidden
+        return ((8 * self.d_model // 3) + 63) // 64 * 64
+
+
+class ModelConfig(ArchConfig):
+    """What `config.json` of a checkpoint in our layout holds."""
+
+    model_type: Literal["unmask"] = "unmask"
+    vocab_size: int
+    mask_token_id: int
+    eos_token_id: int
+    pad_token_id: int
+
+    @model_validator(mode="after")
+    def _ids(self):
+        for name in ("mask_token_id", "eos_token_id", "pad_token_id"):
+            v = getattr(self, name)
+            if not 0 <= v < self.vocab_size:
+                raise ValueError(f"{name}={v} is outside the vocabulary of {self.vocab_size}")
+        return self
+
+
+class GenerationConfig(Strict):
+    """Defaults for decoding, stored as `generation_config.json` beside the weights."""
+
+    policy: str = "topk"
+    threshold: float = 0.9
+    steps: int | None = None  # None -> one step per token (the exact, slow end)
+    block_size: int = 32
+    max_tokens: int = 128
+    temperature: float = 0.0
+    top_p: float = 1.0
+
+
+class DataConfig(Strict):
+    dir: str = "corpus/default"
+    seq_len: int = 256
+    fim_rate: float = 0.0  # share of training windows rearranged prefix-suffix-middle
+
+
+class OptimConfig(Strict):
+    lr: float = 3e-3
+    min_lr: float = 3e-4
+    warmup_steps: int = 100
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    grad_clip: float = 1.0
+
+
+class DiffusionConfig(Strict):
+    schedule: Literal["linear", "cosine"] = "linear"
+    eps: float = 1e-3
+    antithetic: bool = True
+
+
+class LoopConfig(Strict):
+    max_steps: int = 1000
+    batch_size: int = 32  # global, in sequences, per optimizer step
+    micro_batch_size: int = 0  # 0 -> batch_size / world size (no accumulation)
+    eval_interval: int = 200
+    eval_batches: int = 8
+    ckpt_interval: int = 200
+    log_interval: int = 10
+    seed: int = 0
+    threads: int = 0  # CPU intra-op threads; 0 -> torch's default
+
+
+class TrainConfig(Strict):
+    model: ArchConfig = ArchConfig()
+    data: DataConfig = DataConfig()
+    optim: OptimConfig = OptimConfig()
+    diffusion: DiffusionConfig = DiffusionConfig()
+    train: LoopConfig = LoopConfig()
+    generation: GenerationConfig = GenerationConfig()
+
+
+def _format_validation(err: ValidationError) -> str:
+    first = err.errors()[0]
+    where = ".".join(str(p) for p in first["loc"]) or "(top level)"
+    return f"{where}: {first['msg']}"
+
+
+def parse(cls: type[Strict], data: dict, source: str | os.PathLike):
+    try:
+        return cls.model_validate(data)
+    except ValidationError as e:
+        raise UserError(f"{source}: invalid config: {_format_validation(e)}; fix that field") from None
+
+
+def load_json(cls: type[Strict], path: str | os.PathLike):
+    path = Path(path)
+    try:
+        data = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise UserError(f"{path}: file not found") from None
+    except json.JSONDecodeError as e:
+        raise UserError(f"{path}:{e.lineno}: not valid JSON ({e.msg}); the file is corrupt") from None
+    return parse(cls, data, path)
+
+
+def load_train_config(path: str | os.PathLike) -> TrainConfig:
+    path = Path(path)
+    try:
+        data = tomllib.loads(path.read_text())
+    except FileNotFoundError:
+        raise UserError(f"{path}: config file not found; pass a file under configs/") from None
+    except tomllib.TOMLDecodeError as e:
+        raise UserError(f"{path}: not valid TOML ({e})") from None
+    return parse(TrainConfig, data, path)
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> None:
+    """Write via a temp file and rename, so readers never see a half-written file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def save_json(obj: BaseModel, path: str | os.PathLike) -> None:
+    atomic_write_text(path, json.dumps(obj.model_dump(), indent=2) + "\n")

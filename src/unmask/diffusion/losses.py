@@ -1,0 +1,107 @@
+"""Training objectives, all on one code path: MDLM/LLaDA, block diffusion (BD3-LM) and AR.
+
+Each loss returns the scalar to back-propagate plus the summed negative log-likelihood bound in nats
+and the number of token positions it covers, so that evaluation can turn it into bits per byte.
+
+SUBS parameterisation: the model never predicts [MASK] (its logit is -inf), and clean positions are
+copied through, so they carry no loss.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from .masking import Noise, apply_mask, token_times
+from .schedules import Schedule
+
+
+@dataclass
+class LossOutput:
+    loss: torch.Tensor  # scalar, differentiable
+    nll: torch.Tensor  # summed NELBO (diffusion) or NLL (AR) in nats, detached
+    tokens: int  # positions the bound is spread over
+
+
+def _masked_ce(logits: torch.Tensor, x0: torch.Tensor, mask_id: int) -> torch.Tensor:
+    logits = logits.clone()
+    logits[..., mask_id] = float("-inf")
+    return F.cross_entropy(logits.flatten(0, 1), x0.flatten(), reduction="none").view_as(x0)
+
+
+def _reduce(per_token: torch.Tensor, loss_positions: torch.Tensor | None) -> LossOutput:
+    """LLaDA normalisation over all B*L positions, or per-response normalisation for SFT."""
+    if loss_positions is None:
+        return LossOutput(per_token.sum() / per_token.numel(), per_token.detach().sum(), per_token.numel())
+    lengths = loss_positions.sum(1).clamp(min=1)
+    loss = (per_token.sum(1) / lengths).mean()
+    return LossOutput(loss, per_token.detach().sum(), int(loss_positions.sum()))
+
+
+def _diffusion_masks(x0, noise: Noise, schedule: Schedule, block_size, prompt_mask):
+    t_tok = token_times(noise.t, x0.shape[1], block_size).to(x0.device)
+    masked = noise.u.to(x0.device) < schedule.mask_prob(t_tok)
+    if prompt_mask is not None:
+        masked = masked & ~prompt_mask
+    return masked, schedule.weight(t_tok)
+
+
+def mdlm_loss(model, x0, noise: Noise, schedule: Schedule, mask_id: int, prompt_mask=None) -> LossOutput:
+    """MDLM/LLaDA continuous-time NELBO with one t per sequence.
+
+    prompt_mask (B, L) bool marks SFT prompt tokens: never noised, no loss; each response is then
+    normalised by its own length.
+    """
+    masked, w = _diffusion_masks(x0, noise, schedule, None, prompt_mask)
+    logits = model(apply_mask(x0, masked, mask_id))
+    per = _masked_ce(logits, x0, mask_id) * w * masked
+    return _reduce(per, None if prompt_mask is None else ~prompt_mask)
+
+
+def bd3_attention_mask(length: int, block_size: int, device=None) -> torch.Tensor:
+    """The three-part mask over `x_t ⊕ x_0` (2L positions, noisy half first).
+
+    noisy→noisy: same block only; noisy→clean: strictly earlier blocks; clean→clean: block-causal;
+    clean→noisy: never (clean tokens must not see noise, or the cache would not be exact).
+    """
+    idx = torch.arange(2 * length, device=device)
+    blk = (idx % length) // block_size
+    noisy = idx < length
+    qb, kb = blk[:, None], blk[None, :]
+    qn, kn = noisy[:, None], noisy[None, :]
+    return (qn & kn & (qb == kb)) | (qn & ~kn & (kb < qb)) | (~qn & ~kn & (kb <= qb))
+
+
+def bd3lm_loss(model, x0, noise: Noise, schedule: Schedule, mask_id: int, block_size: int,
+               prompt_mask=None) -> LossOutput:
+    """Block-diffusion NELBO: one t per block, one forward over `x_t ⊕ x_0` with the three-part mask."""
+    B, L = x0.shape
+    masked, w = _diffusion_masks(x0, noise, schedule, block_size, prompt_mask)
+    xt = apply_mask(x0, masked, mask_id)
+    pos = torch.arange(L, device=x0.device).repeat(2)
+    mask = bd3_attention_mask(L, block_size, x0.device)
+    logits = model(torch.cat([xt, x0], dim=1), positions=pos, attn_mask=mask, logits_from=0, logits_to=L)
+    per = _masked_ce(logits, x0, mask_id) * w * masked
+    return _reduce(per, None if prompt_mask is None else ~prompt_mask)
+
+
+def ar_loss(model, x0, prompt_mask=None) -> LossOutput:
+    """Next-token NLL under causal attention; position i predicts token i+1."""
+    logits = model(x0[:, :-1])
+    per = F.cross_entropy(logits.flatten(0, 1), x0[:, 1:].flatten(), reduction="none").view(x0.shape[0], -1)
+    if prompt_mask is None:
+        return _reduce(per, None)
+    targets = ~prompt_mask[:, 1:]
+    return _reduce(per * targets, targets)
+
+
+def compute_loss(objective: str, model, x0, noise: Noise | None, schedule: Schedule | None,
+                 mask_id: int, block_size: int, prompt_mask=None) -> LossOutput:
+    if objective == "ar":
+        return ar_loss(model, x0, prompt_mask)
+    if objective == "mdlm":
+        return mdlm_loss(model, x0, noise, schedule, mask_id, prompt_mask)
+    if objective == "bd3lm":
+        return bd3lm_loss(model, x0, noise, schedule, mask_id, block_size, prompt_mask)
+    raise ValueError(f"unknown objective {objective!r}")

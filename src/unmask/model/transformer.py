@@ -1,0 +1,159 @@
+"""A decoder-style transformer (RMSNorm, RoPE, SwiGLU, optional GQA, no biases), nanoGPT-sized.
+
+The attention pattern comes from the config: `full` (MDLM/LLaDA), `block` (block-causal, BD3-LM) or
+`causal` (AR). Callers that need something else (the doubled training sequence of block diffusion, a
+query block against a KV cache) pass an explicit boolean `attn_mask` and absolute `positions`.
+"""
+from __future__ import annotations
+
+import math
+from typing import Protocol
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from ..config import ModelConfig
+from .masks import block_causal_mask
+
+
+class KVCache(Protocol):
+    """What the engine hands to `Transformer.forward`. The model only asks it for the keys and values
+    to attend to; which positions they hold, and when they are kept, is the engine's business."""
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]: ...
+
+
+def rope_tables(head_dim: int, max_len: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
+    inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim)
+    angles = torch.outer(torch.arange(max_len, dtype=torch.float64), inv_freq)
+    return angles.cos().float(), angles.sin().float()
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    # x: (B, H, T, D) with the rotated pairs in the two halves of D; cos/sin: (B, 1, T, D/2)
+    x1, x2 = x.float().chunk(2, dim=-1)
+    return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1).type_as(x)
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.n_heads, self.n_kv, self.head_dim = cfg.n_heads, cfg.kv_heads, cfg.head_dim
+        self.q_proj = nn.Linear(cfg.d_model, cfg.n_heads * cfg.head_dim, bias=False)
+        self.k_proj = nn.Linear(cfg.d_model, self.n_kv * cfg.head_dim, bias=False)
+        self.v_proj = nn.Linear(cfg.d_model, self.n_kv * cfg.head_dim, bias=False)
+        self.o_proj = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.d_model, bias=False)
+
+    def forward(self, x, cos, sin, mask, is_causal, layer: int, kv_cache: KVCache | None):
+        B, T, _ = x.shape
+        q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
+        k = self.k_proj(x).view(B, T, self.n_kv, self.head_dim).transpose(1, 2)
+        v = self.v_proj(x).view(B, T, self.n_kv, self.head_dim).transpose(1, 2)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if kv_cache is not None:
+            k, v = kv_cache.update(layer, k, v)
+        y = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, is_causal=is_causal, enable_gqa=self.n_kv != self.n_heads
+        )
+        return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.gate_proj = nn.Linear(cfg.d_model, cfg.hidden, bias=False)
+        self.up_proj = nn.Linear(cfg.d_model, cfg.hidden, bias=False)
+        self.down_proj = nn.Linear(cfg.hidden, cfg.d_model, bias=False)
+
+    def forward(self, x):
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer: int):
+        super().__init__()
+        self.layer = layer
+        self.attn_norm = nn.RMSNorm(cfg.d_model, eps=cfg.norm_eps)
+        self.attn = Attention(cfg)
+        self.mlp_norm = nn.RMSNorm(cfg.d_model, eps=cfg.norm_eps)
+        self.mlp = MLP(cfg)
+
+    def forward(self, x, cos, sin, mask, is_causal, kv_cache):
+        x = x + self.attn(self.attn_norm(x), cos, sin, mask, is_causal, self.layer, kv_cache)
+        return x + self.mlp(self.mlp_norm(x))
+
+
+class Transformer(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.config = cfg
+        self.embed = nn.Embedding(cfg.vocab_size, cfg.d_model)
+        self.layers = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layers))
+        self.norm = nn.RMSNorm(cfg.d_model, eps=cfg.norm_eps)
+        self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        if cfg.tie_embeddings:
+            self.lm_head.weight = self.embed.weight
+        cos, sin = rope_tables(cfg.head_dim, cfg.max_seq_len, cfg.rope_theta)
+        self.register_buffer("rope_cos", cos, persistent=False)
+        self.register_buffer("rope_sin", sin, persistent=False)
+        self.apply(self._init)
+        for name, p in self.named_parameters():
+            if name.endswith(("o_proj.weight", "down_proj.weight")):
+                nn.init.normal_(p, std=0.02 / math.sqrt(2 * cfg.n_layers))
+
+    @staticmethod
+    def _init(m: nn.Module):
+        if isinstance(m, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(m.weight, std=0.02)
+
+    def default_mask(self, positions: torch.Tensor) -> tuple[torch.Tensor | None, bool]:
+        """The mask this model's attention mode implies for a self-contained sequence."""
+        mode = self.config.attention
+        if mode == "full":
+            return None, False
+        if mode == "causal":
+            return None, True
+        return block_causal_mask(positions, positions, self.config.block_size).unsqueeze(1), False
+
+    def forward(
+        self,
+        idx: torch.Tensor,
+        positions: torch.Tensor | None = None,
+        attn_mask: torch.Tensor | None = None,
+        kv_cache: KVCache | None = None,
+        logits_from: int = 0,
+        logits_to: int | None = None,
+    ) -> torch.Tensor:
+        """idx: (B, T) token ids -> logits (B, T, vocab), float32.
+
+        positions: (B, T) or (T,) absolute positions for RoPE (default 0..T-1).
+        attn_mask: boolean, broadcastable to (B, heads, T, S), True = may attend. When omitted the
+        config's attention mode is used; an explicit mask is required with a `kv_cache`.
+        logits_from/logits_to: only project this slice of positions to the vocabulary (the LM head
+        dominates the cost of a small model, and losses often need only part of the sequence).
+        """
+        B, T = idx.shape
+        if positions is None:
+            positions = torch.arange(T, device=idx.device)
+        if positions.dim() == 1:
+            positions = positions.unsqueeze(0).expand(B, T)
+        if int(positions.max()) >= self.config.max_seq_len:
+            raise ValueError(f"position {int(positions.max())} exceeds max_seq_len {self.config.max_seq_len}")
+        is_causal = False
+        if attn_mask is None:
+            if kv_cache is not None:
+                raise ValueError("an explicit attn_mask is required when a kv_cache is used")
+            attn_mask, is_causal = self.default_mask(positions)
+        elif attn_mask.dim() == 3:
+            attn_mask = attn_mask.unsqueeze(1)
+        cos = self.rope_cos[positions].unsqueeze(1)
+        sin = self.rope_sin[positions].unsqueeze(1)
+        x = self.embed(idx)
+        for layer in self.layers:
+            x = layer(x, cos, sin, attn_mask, is_causal, kv_cache)
+        return self.lm_head(self.norm(x[:, logits_from:logits_to])).float()
+
+    def num_params(self, non_embedding: bool = True) -> int:
+        n = sum(p.numel() for p in self.parameters())
+        return n - self.embed.weight.numel() if non_embedding else n
