@@ -1,0 +1,89 @@
+"""Training checkpoints: weights, optimizer, RNG and data position, written atomically.
+
+Everything tensor-valued is stored as safetensors and the rest as JSON, so resuming never unpickles.
+A checkpoint directory is assembled under a temp name and renamed into place; `latest` is a small
+file updated by rename, so a crash at any instant leaves the previous checkpoint usable.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from ..config import atomic_write_text
+from ..errors import UserError
+
+
+def _optimizer_tensors(opt: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict]:
+    sd = opt.state_dict()
+    tensors, scalars = {}, {}
+    for pid, st in sd["state"].items():
+        for k, v in st.items():
+            if torch.is_tensor(v):
+                tensors[f"{pid}.{k}"] = v.contiguous()
+            else:
+                scalars[f"{pid}.{k}"] = v
+    return tensors, {"param_groups": sd["param_groups"], "scalars": scalars}
+
+
+def save_checkpoint(root: Path, step: int, model: torch.nn.Module, opt: torch.optim.Optimizer,
+                    extra: dict, keep: int = 2) -> Path:
+    root.mkdir(parents=True, exist_ok=True)
+    final = root / f"step_{step:08d}"
+    tmp = Path(tempfile.mkdtemp(dir=root, prefix=f".step_{step:08d}."))
+    try:
+        state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+        if "lm_head.weight" in state and state["lm_head.weight"].data_ptr() == state["embed.weight"].data_ptr():
+            state.pop("lm_head.weight")
+        save_file(state, tmp / "model.safetensors")
+        opt_tensors, opt_meta = _optimizer_tensors(opt)
+        opt_tensors["rng.torch"] = torch.get_rng_state()
+        save_file(opt_tensors, tmp / "optimizer.safetensors")
+        (tmp / "trainer.json").write_text(json.dumps({"step": step, "optimizer": opt_meta, **extra}, indent=2))
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    atomic_write_text(root / "latest", final.name + "\n")
+    for old in sorted(root.glob("step_*"))[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def latest_checkpoint(root: Path) -> Path | None:
+    pointer = root / "latest"
+    if not pointer.exists():
+        return None
+    path = root / pointer.read_text().strip()
+    if not (path / "trainer.json").exists():
+        raise UserError(f"{pointer}: points at {path.name}, which is missing or incomplete; delete {pointer} "
+                        "to restart or point it at an earlier step_* directory")
+    return path
+
+
+def load_checkpoint(path: Path, model: torch.nn.Module, opt: torch.optim.Optimizer) -> dict:
+    meta = json.loads((path / "trainer.json").read_text())
+    state = load_file(path / "model.safetensors")
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if unexpected or [k for k in missing if k != "lm_head.weight"]:
+        raise UserError(f"{path}: checkpoint does not match the model in the config "
+                        f"(missing {missing[:3]}, unexpected {unexpected[:3]}); resume with the config it was trained with")
+    tensors = load_file(path / "optimizer.safetensors")
+    torch.set_rng_state(tensors.pop("rng.torch"))
+    om = meta["optimizer"]
+    opt_state: dict[int, dict] = {}
+    for key, v in tensors.items():
+        pid, name = key.split(".", 1)
+        opt_state.setdefault(int(pid), {})[name] = v
+    for key, v in om["scalars"].items():
+        pid, name = key.split(".", 1)
+        opt_state.setdefault(int(pid), {})[name] = v
+    opt.load_state_dict({"state": opt_state, "param_groups": om["param_groups"]})
+    return meta

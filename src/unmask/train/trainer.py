@@ -1,0 +1,169 @@
+"""The training loop: AdamW with warmup + cosine decay, clipping, accumulation, periodic held-out
+bits per byte, JSONL log, atomic checkpoints and exact resume, single process or torchrun/DDP."""
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import time
+from pathlib import Path
+
+import torch
+from torch.nn.parallel import DistributedDataParallel as DDP
+from tqdm import tqdm
+
+from ..config import ModelConfig, TrainConfig, atomic_write_text, load_train_config
+from ..diffusion import compute_loss, get_schedule
+from ..errors import UserError
+from ..eval.bpb import bits_per_byte
+from ..model import Transformer
+from . import distributed
+from .batches import global_batch
+from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+
+
+def lr_at(step: int, cfg: TrainConfig) -> float:
+    o, total = cfg.optim, cfg.train.max_steps
+    if step < o.warmup_steps:
+        return o.lr * (step + 1) / o.warmup_steps
+    progress = min(1.0, (step - o.warmup_steps) / max(1, total - o.warmup_steps))
+    return o.min_lr + 0.5 * (o.lr - o.min_lr) * (1 + math.cos(math.pi * progress))
+
+
+def make_optimizer(net: torch.nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
+    # Norm gains are not decayed: shrinking them only fights the normalisation.
+    decay = [p for n, p in net.named_parameters() if p.dim() >= 2]
+    no_decay = [p for n, p in net.named_parameters() if p.dim() < 2]
+    o = cfg.optim
+    return torch.optim.AdamW(
+        [{"params": decay, "weight_decay": o.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=o.lr, betas=(o.beta1, o.beta2), foreach=True,
+    )
+
+
+def model_config(cfg: TrainConfig, tok) -> ModelConfig:
+    return ModelConfig(**cfg.model.model_dump(), vocab_size=tok.vocab_size, mask_token_id=tok.mask_id,
+                       eos_token_id=tok.eos_id, pad_token_id=tok.pad_id)
+
+
+def _split_sizes(cfg: TrainConfig, world: int) -> tuple[int, int]:
+    b = cfg.train.batch_size
+    micro = cfg.train.micro_batch_size or b // world
+    if micro <= 0 or b % (micro * world):
+        raise UserError(f"train.batch_size={b} must be a multiple of micro_batch_size={micro} x world size {world}")
+    return micro, b // (micro * world)
+
+
+def train(config: str | Path, out: str | Path, max_steps: int | None = None, resume: bool = False) -> Path:
+    from ..data import corpus_meta, load_split
+    from ..tokenizer import Tokenizer
+
+    cfg = load_train_config(config)
+    if max_steps is not None:
+        cfg.train.max_steps = max_steps
+    out = Path(out)
+    ckpt_root = out / "checkpoints"
+    if not resume and latest_checkpoint(ckpt_root) is not None:
+        raise UserError(f"{out}: already holds checkpoints; pass --resume to continue or choose another --out")
+    d = distributed.init()
+    if cfg.train.threads:
+        torch.set_num_threads(cfg.train.threads)
+    corpus = Path(cfg.data.dir)
+    meta = corpus_meta(corpus)
+    train_tokens, val_tokens = load_split(corpus, "train"), load_split(corpus, "val")
+    tok = Tokenizer.from_file(corpus / "tokenizer.json")
+    mcfg = model_config(cfg, tok)
+    if cfg.data.seq_len > mcfg.max_seq_len:
+        raise UserError(f"{config}: data.seq_len={cfg.data.seq_len} exceeds model.max_seq_len={mcfg.max_seq_len}")
+    if mcfg.objective == "bd3lm" and cfg.data.seq_len % mcfg.block_size:
+        raise UserError(f"{config}: data.seq_len must be a multiple of model.block_size={mcfg.block_size}")
+    micro, accum = _split_sizes(cfg, d.world)
+
+    torch.manual_seed(cfg.train.seed)
+    net = Transformer(mcfg).to(d.device)
+    opt = make_optimizer(net, cfg)
+    start = 0
+    if resume and (ck := latest_checkpoint(ckpt_root)) is not None:
+        start = load_checkpoint(ck, net, opt)["step"]
+    model = DDP(net) if d.world > 1 else net
+    schedule = get_schedule(cfg.diffusion.schedule)
+    bpt = meta["splits"]["val"]["bytes"] / meta["splits"]["val"]["tokens"]
+    log_path = out / "log.jsonl"
+    if d.main:
+        out.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(out / "config.json", json.dumps(cfg.model_dump(), indent=2))
+        _truncate_log(log_path, start)
+    autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if d.device.type == "cuda"
+                else contextlib.nullcontext())
+    tokens_per_step = cfg.train.batch_size * cfg.data.seq_len
+    bar = tqdm(total=cfg.train.max_steps, initial=start, disable=not d.main, desc="train", dynamic_ncols=True)
+    t_last, tokens_since = time.perf_counter(), 0
+    for step in range(start, cfg.train.max_steps):
+        lr = lr_at(step, cfg)
+        for g in opt.param_groups:
+            g["lr"] = lr
+        x0, noise = global_batch(train_tokens, cfg.data.seq_len, cfg.train.batch_size, cfg.train.seed, step,
+                                 mcfg.objective, mcfg.block_size, cfg.diffusion.eps, cfg.diffusion.antithetic)
+        loss_sum = torch.zeros((), device=d.device)
+        for a in range(accum):
+            lo = (d.rank * accum + a) * micro
+            sl = slice(lo, lo + micro)
+            sync = a == accum - 1 or d.world == 1
+            with (contextlib.nullcontext() if sync else model.no_sync()), autocast:
+                res = compute_loss(mcfg.objective, model, x0[sl].to(d.device),
+                                   None if noise is None else noise[sl].to(d.device),
+                                   schedule, mcfg.mask_token_id, mcfg.block_size)
+            (res.loss / accum).backward()
+            loss_sum += res.loss.detach() / accum
+        grad_norm = torch.nn.utils.clip_grad_norm_(net.parameters(), cfg.optim.grad_clip)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        loss = float(d.mean(loss_sum))
+        if not math.isfinite(loss):
+            raise RuntimeError(f"loss became {loss} at step {step}; lower optim.lr or check the data")
+        done = step + 1
+        tokens_since += tokens_per_step
+        bar.update(1)
+        record = None
+        if done % cfg.train.log_interval == 0 or done == cfg.train.max_steps:
+            now = time.perf_counter()
+            record = {"step": done, "loss": loss, "lr": lr, "grad_norm": float(grad_norm),
+                      "tokens": done * tokens_per_step, "tok_per_s": tokens_since / (now - t_last)}
+            t_last, tokens_since = now, 0
+            bar.set_postfix(loss=f"{loss:.3f}")
+        if done % cfg.train.eval_interval == 0 or done == cfg.train.max_steps:
+            if d.main:
+                ev = bits_per_byte(net, val_tokens, bpt, seq_len=cfg.data.seq_len, batch=micro,
+                                   n_batches=cfg.train.eval_batches, seed=cfg.train.seed,
+                                   schedule=cfg.diffusion.schedule, eps=cfg.diffusion.eps, device=d.device)
+                record = {**(record or {"step": done}), "eval_bpb": ev["bpb"], "eval_nats_per_token": ev["nats_per_token"]}
+                bar.write(f"step {done}: held-out {ev['bpb']:.4f} bits/byte")
+            d.barrier()
+        if record and d.main:
+            with log_path.open("a") as f:
+                f.write(json.dumps(record) + "\n")
+        if done % cfg.train.ckpt_interval == 0 or done == cfg.train.max_steps:
+            if d.main:
+                save_checkpoint(ckpt_root, done, net, opt, {"tokens": done * tokens_per_step, "world": d.world})
+            d.barrier()
+    bar.close()
+    if d.main:
+        _export(net, tok, cfg, out / "final")
+    distributed.shutdown()
+    return out / "final"
+
+
+def _truncate_log(path: Path, step: int) -> None:
+    """On resume, drop log lines the killed run wrote after its last checkpoint."""
+    if not path.exists():
+        return
+    keep = [ln for ln in path.read_text().splitlines() if ln.strip() and json.loads(ln).get("step", 0) <= step]
+    atomic_write_text(path, "".join(ln + "\n" for ln in keep))
+
+
+def _export(net: Transformer, tok, cfg: TrainConfig, out: Path) -> None:
+    from ..pretrained import save
+
+    gen = cfg.generation.model_copy(update={"block_size": net.config.block_size}) \
+        if net.config.attention == "block" else cfg.generation
+    save(net, out, tokenizer=tok, generation=gen, dtype=torch.float32)

@@ -1,0 +1,31 @@
+"""Shared fixtures. Keep this small: helpers that more than one test module needs."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from unmask.config import OBJECTIVE_ATTENTION, ModelConfig
+
+_ATTENTION_OBJECTIVE = {v: k for k, v in OBJECTIVE_ATTENTION.items()}
+
+
+def tiny_config(**overrides) -> ModelConfig:
+    """A small ModelConfig; `attention=` alone picks the matching objective (and vice versa)."""
+    kw = dict(d_model=32, n_layers=2, n_heads=4, max_seq_len=64, block_size=4,
+              vocab_size=40, mask_token_id=1, eos_token_id=0, pad_token_id=2)
+    if "attention" in overrides and "objective" not in overrides:
+        overrides["objective"] = _ATTENTION_OBJECTIVE[overrides["attention"]]
+    if "objective" in overrides and "attention" not in overrides:
+        overrides["attention"] = OBJECTIVE_ATTENTION[overrides["objective"]]
+    kw.update(overrides)
+    return ModelConfig(**kw)
+
+
+@pytest.fixture
+def make_config():
+    return tiny_config
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
