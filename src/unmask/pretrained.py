@@ -141,6 +141,7 @@ def save(model: Pretrained | Transformer, out: str | os.PathLike, tokenizer=None
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}."))
+    old = out.with_name(f".{out.name}.old")
     try:
         state = {k: v.detach().to("cpu", dtype).contiguous() for k, v in net.state_dict().items()}
         if net.config.tie_embeddings:
@@ -156,7 +157,6 @@ def save(model: Pretrained | Transformer, out: str | os.PathLike, tokenizer=None
             # Keep a hand-written model card if the caller did not supply one.
             if card is None and (out / "README.md").exists():
                 shutil.copy2(out / "README.md", tmp / "README.md")
-            old = out.with_name(f".{out.name}.old")
             shutil.rmtree(old, ignore_errors=True)
             os.replace(out, old)
             os.replace(tmp, out)
@@ -165,6 +165,8 @@ def save(model: Pretrained | Transformer, out: str | os.PathLike, tokenizer=None
             os.replace(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
+        if old.exists() and not out.exists():
+            os.replace(old, out)  # interrupted between the two renames: put the previous checkpoint back
         raise
     return out
 

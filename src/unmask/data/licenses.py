@@ -33,8 +33,8 @@ _PERMISSIVE_TEXT = re.compile(
 )
 _COPYLEFT_TEXT = re.compile(
     r"\b(A|L)?GPL|General Public Licen[cs]e|\bMPL\b|Mozilla Public|\bEUPL\b|\bCDDL\b|\bEPL\b"
-    r"|Eclipse Public|\bSSPL\b|Server Side Public|\bBUSL\b|Business Source|proprietary"
-    r"|commercial|ShareAlike|CC-BY-SA|CC-BY-NC|Non-?Commercial|Artistic",
+    r"|Eclipse Public|\bSSPL\b|Server Side Public|\bBUSL\b|Business Source|\bproprietary\b"
+    r"|ShareAlike|CC-BY-SA|CC-BY-NC|Non-?Commercial|Artistic",
     re.I,
 )
 
@@ -134,11 +134,8 @@ def classify(metadata_text: str | None) -> LicenseVerdict:
             return LicenseVerdict(expr, False, f"license expression {expr!r} does not parse")
         return LicenseVerdict(expr, v, "" if v else f"license {expr!r} is not permissive")
     # "License :: OSI Approved" alone names no license; only the specific ones count.
-    specific = [c.split("::")[-1].strip() for c in meta["classifiers"] if c.count("::") >= 2]
-    specific = [c for c in specific if c != "OSI Approved"] + [
-        c.split("::")[-1].strip() for c in meta["classifiers"]
-        if c.count("::") == 1 and "OSI Approved" not in c
-    ]
+    tails = [c.split("::")[-1].strip() for c in meta["classifiers"]]
+    specific = [t for t in tails if t and t != "OSI Approved"]
     if specific:
         label = " / ".join(specific)
         verdicts = [_text_verdict(c) for c in specific]

@@ -55,7 +55,7 @@ def mdlm_loss(model, x0, noise: Noise, schedule: Schedule, mask_id: int, prompt_
     """
     masked, w = _diffusion_masks(x0, noise, schedule, None, prompt_mask)
     logits = model(apply_mask(x0, masked, mask_id))
-    per = _masked_ce(logits, x0, mask_id) * w * masked
+    per = torch.where(masked, _masked_ce(logits, x0, mask_id) * w, 0.0)  # not `* masked`: inf * 0 = nan
     return _reduce(per, None if prompt_mask is None else ~prompt_mask)
 
 
@@ -82,7 +82,7 @@ def bd3lm_loss(model, x0, noise: Noise, schedule: Schedule, mask_id: int, block_
     pos = torch.arange(L, device=x0.device).repeat(2)
     mask = bd3_attention_mask(L, block_size, x0.device)
     logits = model(torch.cat([xt, x0], dim=1), positions=pos, attn_mask=mask, logits_from=0, logits_to=L)
-    per = _masked_ce(logits, x0, mask_id) * w * masked
+    per = torch.where(masked, _masked_ce(logits, x0, mask_id) * w, 0.0)  # not `* masked`: inf * 0 = nan
     return _reduce(per, None if prompt_mask is None else ~prompt_mask)
 
 
@@ -93,7 +93,7 @@ def ar_loss(model, x0, prompt_mask=None) -> LossOutput:
     if prompt_mask is None:
         return _reduce(per, None)
     targets = ~prompt_mask[:, 1:]
-    return _reduce(per * targets, targets)
+    return _reduce(torch.where(targets, per, 0.0), targets)
 
 
 def compute_loss(objective: str, model, x0, noise: Noise | None, schedule: Schedule | None,

@@ -23,7 +23,9 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -32,6 +34,9 @@ from .noise import make_generator, propose, select_topk
 from .output import GenerationOutput
 from .prompt import layout_prompt
 from .schedule import block_spans, num_transfer_tokens, steps_per_block
+
+if TYPE_CHECKING:
+    from ..pretrained import Pretrained
 
 POLICIES = ("topk",)
 
@@ -48,7 +53,7 @@ class Settings:
     policy: str
 
 
-def resolve_settings(model, n_fixed: int, *, max_tokens=None, steps=None, block_size=None,
+def resolve_settings(model: Pretrained, n_fixed: int, *, max_tokens=None, steps=None, block_size=None,
                      temperature=None, top_p=None, policy=None, policies=POLICIES) -> Settings:
     """Fill None from `model.generation` and check every value; raises UserError.
 
@@ -98,7 +103,8 @@ def resolve_settings(model, n_fixed: int, *, max_tokens=None, steps=None, block_
 
 
 @torch.inference_mode()
-def reference_generate(model, prompt, *, max_tokens: int | None = None, steps: int | None = None,
+def reference_generate(model: Pretrained, prompt: str | Sequence[int] | Sequence[dict], *,
+                       max_tokens: int | None = None, steps: int | None = None,
                        block_size: int | None = None, temperature: float | None = 0.0,
                        top_p: float | None = 1.0, policy: str | None = "topk",
                        suffix: str | None = None, seed: int | None = None) -> GenerationOutput:

@@ -102,8 +102,9 @@ class Tokenizer:
         return self._tok.encode(text, add_special_tokens=False).ids
 
     def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
-        encs = self._tok.encode_batch(list(texts), add_special_tokens=False)
-        return [e.ids for e in encs]
+        # encode_batch_fast (tokenizers >= 0.20) skips offset tracking: about twice as fast.
+        fn = getattr(self._tok, "encode_batch_fast", self._tok.encode_batch)
+        return [e.ids for e in fn(list(texts), add_special_tokens=False)]
 
     def decode(self, ids: Iterable[int], skip_special: bool = False) -> str:
         return self._tok.decode([int(i) for i in ids], skip_special_tokens=skip_special)

@@ -1,0 +1,184 @@
+"""Trainer: DDP equals one process, SIGKILL + resume is bit-identical, checkpoints are atomic."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from corpus_util import write_tiny_corpus
+from unmask.errors import UserError
+
+CONFIG = """
+[model]
+d_model = 32
+n_layers = 2
+n_heads = 2
+max_seq_len = 64
+attention = "{attention}"
+objective = "{objective}"
+block_size = 4
+
+[data]
+dir = "{corpus}"
+seq_len = 32
+
+[optim]
+lr = 3e-3
+warmup_steps = 3
+
+[train]
+max_steps = {steps}
+batch_size = 8
+micro_batch_size = {micro}
+eval_interval = {eval_interval}
+eval_batches = 2
+ckpt_interval = {ckpt}
+log_interval = 1
+seed = 3
+threads = 1
+"""
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    return write_tiny_corpus(tmp_path_factory.mktemp("corpus"))
+
+
+def write_config(path: Path, corpus: Path, objective="bd3lm", steps=6, micro=4, ckpt=100, eval_interval=3):
+    attention = {"bd3lm": "block", "mdlm": "full", "ar": "causal"}[objective]
+    path.write_text(CONFIG.format(attention=attention, objective=objective, corpus=corpus, steps=steps,
+                                  micro=micro, ckpt=ckpt, eval_interval=eval_interval))
+    return path
+
+
+def run_cli(*args, env_extra=None, **kw):
+    env = {**os.environ, "OMP_NUM_THREADS": "1", **(env_extra or {})}
+    return subprocess.run([sys.executable, "-m", "unmask.cli", *args], capture_output=True, text=True, env=env, **kw)
+
+
+def losses(out: Path) -> list[float]:
+    return [r["loss"] for r in map(json.loads, (out / "log.jsonl").read_text().splitlines()) if "loss" in r]
+
+
+@pytest.mark.parametrize("objective", ["bd3lm", "mdlm", "ar"])
+def test_training_lowers_heldout_bpb_and_exports_a_loadable_model(tmp_path, corpus, objective):
+    import unmask
+    from unmask.data import corpus_meta, load_split
+    from unmask.eval import bits_per_byte
+    from unmask.model import Transformer
+
+    cfg = write_config(tmp_path / "c.toml", corpus, objective, steps=80, eval_interval=40)
+    from unmask.train import train
+    final = train(cfg, tmp_path / "run")
+    assert len(losses(tmp_path / "run")) == 80
+    evals = [r for r in map(json.loads, (tmp_path / "run" / "log.jsonl").read_text().splitlines()) if "eval_bpb" in r]
+    assert [r["step"] for r in evals] == [40, 80]
+    model = unmask.load(final)
+    assert model.config.objective == objective
+    assert (final / "tokenizer.json").exists() and (final / "generation_config.json").exists()
+    val, split = load_split(corpus, "val"), corpus_meta(corpus)["splits"]["val"]
+    bpt = split["bytes"] / split["tokens"]
+    kw = dict(seq_len=32, batch=4, n_batches=2, seed=3)
+    trained = bits_per_byte(model.net, val, bpt, **kw)["bpb"]
+    untrained = bits_per_byte(Transformer(model.config), val, bpt, **kw)["bpb"]
+    assert trained == pytest.approx(evals[-1]["eval_bpb"], rel=1e-4)  # the log reports what the model scores
+    assert trained < 0.92 * untrained, (trained, untrained)
+
+
+@pytest.mark.slow
+def test_ddp_two_gloo_ranks_match_one_process(tmp_path, corpus):
+    cfg = write_config(tmp_path / "c.toml", corpus, "bd3lm", steps=4, micro=4)
+    single = run_cli("train", str(cfg), "--out", str(tmp_path / "single"), timeout=300)
+    assert single.returncode == 0, single.stderr
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    ddp = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517",
+                          "-m", "unmask.cli", "train", str(cfg), "--out", str(tmp_path / "ddp")],
+                         capture_output=True, text=True, env=env, timeout=300)
+    assert ddp.returncode == 0, ddp.stderr[-3000:]
+    a, b = losses(tmp_path / "single"), losses(tmp_path / "ddp")
+    assert len(a) == len(b) == 4
+    for x, y in zip(a, b):
+        assert abs(x - y) <= 1e-5 * abs(x), (a, b)
+    wa = load_file(tmp_path / "single" / "final" / "model.safetensors")
+    wb = load_file(tmp_path / "ddp" / "final" / "model.safetensors")
+    for k in wa:
+        torch.testing.assert_close(wa[k], wb[k], rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.slow
+def test_sigkill_then_resume_is_bit_identical(tmp_path, corpus):
+    steps = 60
+    cfg = write_config(tmp_path / "c.toml", corpus, "bd3lm", steps=steps, micro=8, ckpt=5, eval_interval=20)
+    ref = run_cli("train", str(cfg), "--out", str(tmp_path / "ref"), timeout=300)
+    assert ref.returncode == 0, ref.stderr
+
+    out = tmp_path / "killed"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "unmask.cli", "train", str(cfg), "--out", str(out)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
+    latest = out / "checkpoints" / "latest"
+    deadline = time.time() + 120
+    while time.time() < deadline and not (latest.exists() and latest.read_text().strip() >= "step_00000010"):
+        time.sleep(0.005)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    killed_at = latest.read_text().strip()
+    assert not (out / "final").exists(), "the run finished before it was killed; the test proves nothing"
+    assert killed_at < f"step_{steps:08d}"
+
+    resumed = run_cli("train", str(cfg), "--out", str(out), "--resume", timeout=300)
+    assert resumed.returncode == 0, resumed.stderr
+    wa = load_file(tmp_path / "ref" / "final" / "model.safetensors")
+    wb = load_file(out / "final" / "model.safetensors")
+    assert wa.keys() == wb.keys()
+    for k in wa:
+        assert torch.equal(wa[k], wb[k]), k
+    assert losses(tmp_path / "ref") == losses(out)
+
+
+def test_checkpoint_write_is_atomic(tmp_path, monkeypatch):
+    from unmask.train import checkpoint as ck
+
+    net = torch.nn.Linear(3, 3)
+    opt = torch.optim.AdamW(net.parameters())
+    net(torch.ones(1, 3)).sum().backward()
+    opt.step()
+    root = tmp_path / "ckpt"
+    ck.save_checkpoint(root, 5, net, opt, {})
+
+    def boom(*a, **k):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(ck, "save_file", boom)
+    with pytest.raises(OSError):
+        ck.save_checkpoint(root, 10, net, opt, {})
+    assert sorted(p.name for p in root.iterdir()) == ["latest", "step_00000005"]
+    assert ck.latest_checkpoint(root).name == "step_00000005"
+
+
+def test_existing_run_without_resume_and_bad_config_are_user_errors(tmp_path, corpus):
+    cfg = write_config(tmp_path / "c.toml", corpus, "ar", steps=2, ckpt=1)
+    assert run_cli("train", str(cfg), "--out", str(tmp_path / "run"), timeout=120).returncode == 0
+    again = run_cli("train", str(cfg), "--out", str(tmp_path / "run"), timeout=120)
+    assert again.returncode == 2 and "--resume" in again.stderr and "Traceback" not in again.stderr
+    bad = tmp_path / "bad.toml"
+    bad.write_text(cfg.read_text().replace("d_model = 32", "d_modle = 32"))
+    r = run_cli("train", str(bad), "--out", str(tmp_path / "x"), timeout=120)
+    assert r.returncode == 2 and "d_modle" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+
+
+def test_mismatched_objective_and_attention_is_rejected(tmp_path, corpus):
+    from unmask.config import load_train_config
+
+    cfg = write_config(tmp_path / "c.toml", corpus, "ar")
+    cfg.write_text(cfg.read_text().replace('attention = "causal"', 'attention = "full"'))
+    with pytest.raises(UserError, match="objective 'ar' needs attention 'causal'"):
+        load_train_config(cfg)
