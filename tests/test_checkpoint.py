@@ -14,6 +14,8 @@ from unmask.errors import UserError
 from unmask.model import Transformer
 from unmask.pretrained import INDEX, Pretrained, load, save
 
+pytestmark = pytest.mark.usefixtures("single_thread")
+
 VOCAB = 272  # >= the tokenizer's 266 (10 specials + 256 bytes)
 
 

@@ -8,6 +8,8 @@ from conftest import tiny_config
 from unmask.model import Transformer, block_causal_mask
 from unmask.model.masks import causal_mask
 
+pytestmark = pytest.mark.usefixtures("single_thread")
+
 V = 40
 L = 10  # not a multiple of block_size 4
 

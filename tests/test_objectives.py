@@ -16,6 +16,8 @@ from unmask.diffusion import (
 from unmask.diffusion.masking import token_times
 from unmask.model import Transformer
 
+pytestmark = pytest.mark.usefixtures("single_thread")
+
 LINEAR = get_schedule("linear")
 COSINE = get_schedule("cosine")
 EPS = 1e-3

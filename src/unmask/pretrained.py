@@ -107,6 +107,10 @@ def load(path: str | os.PathLike | None = None, device: str | torch.device = "cp
     tok = Tokenizer.from_file(path / "tokenizer.json")
     if tok.vocab_size > cfg.vocab_size:
         raise UserError(f"{path}: tokenizer has {tok.vocab_size} tokens but config.json says vocab_size={cfg.vocab_size}")
+    for name, want in (("mask_token_id", tok.mask_id), ("eos_token_id", tok.eos_id), ("pad_token_id", tok.pad_id)):
+        if getattr(cfg, name) != want:
+            raise UserError(f"{path}/config.json: {name}={getattr(cfg, name)} but tokenizer.json has id {want}; "
+                            "the tokenizer does not belong to these weights")
     with torch.device("meta"):
         net = Transformer(cfg)
     state = _read_state_dict(path)

@@ -1,0 +1,109 @@
+"""The CLI: every user error is one line on stderr and exit code 2, never a traceback."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import unmask
+from unmask.config import GenerationConfig, ModelConfig
+from unmask.model import Transformer
+from unmask.tokenizer import train_tokenizer
+
+TEXT = "def add(a, b):\n    return a + b\n\nclass Stack:\n    def push(self, x):\n        self.items.append(x)\n" * 3
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory) -> Path:
+    tok = train_tokenizer([TEXT], 300)
+    cfg = ModelConfig(d_model=32, n_layers=2, n_heads=2, max_seq_len=64, attention="block", objective="bd3lm",
+                      block_size=4, vocab_size=tok.vocab_size, mask_token_id=tok.mask_id,
+                      eos_token_id=tok.eos_id, pad_token_id=tok.pad_id)
+    torch.manual_seed(0)
+    out = tmp_path_factory.mktemp("m") / "tiny"
+    unmask.save(Transformer(cfg), out, tokenizer=tok, generation=GenerationConfig(block_size=4, max_tokens=8))
+    return out
+
+
+def cli(*args, stdin=None):
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.run([sys.executable, "-m", "unmask.cli", *args], capture_output=True, text=True,
+                          env=env, input=stdin, timeout=120)
+
+
+def assert_user_error(r, *needles):
+    assert r.returncode == 2, (r.returncode, r.stderr)
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in r.stderr, r.stderr
+    for n in needles:
+        assert n in lines[0], lines[0]
+
+
+def test_generate_json_contract(model_dir):
+    r = cli("generate", "--model", str(model_dir), "--max-tokens", "8", "--json", "def f(")
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout)
+    assert {"text", "completion_tokens", "nfe", "seconds"} <= out.keys()
+    assert 1 <= out["nfe"] <= 8 and out["completion_tokens"] <= 8
+
+
+def test_generate_prints_text_and_stats(model_dir):
+    r = cli("generate", "--model", str(model_dir), "--max-tokens", "8", "--steps", "4", "def f(")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.startswith("def f(")
+    assert "NFE" in r.stderr and "tok/s" in r.stderr and "tokens" in r.stderr
+
+
+def test_missing_checkpoint(tmp_path):
+    assert_user_error(cli("generate", "--model", str(tmp_path / "nope"), "x"), "not found")
+
+
+def test_corrupt_checkpoint(tmp_path, model_dir):
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    for f in model_dir.iterdir():
+        (bad / f.name).write_bytes(f.read_bytes())
+    w = bad / "model.safetensors"
+    w.write_bytes(w.read_bytes()[: w.stat().st_size // 2])
+    assert_user_error(cli("generate", "--model", str(bad), "x"), "corrupt", "model.safetensors")
+
+
+def test_config_that_does_not_match_weights(tmp_path, model_dir):
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    for f in model_dir.iterdir():
+        (bad / f.name).write_bytes(f.read_bytes())
+    cfg = json.loads((bad / "config.json").read_text())
+    cfg["d_model"], cfg["n_heads"] = 64, 2
+    (bad / "config.json").write_text(json.dumps(cfg))
+    assert_user_error(cli("generate", "--model", str(bad), "x"), "does not match the weights")
+
+
+def test_prompt_longer_than_context(model_dir):
+    assert_user_error(cli("generate", "--model", str(model_dir), "--max-tokens", "8", "x " * 200), "context")
+
+
+def test_unknown_policy(model_dir):
+    assert_user_error(cli("generate", "--model", str(model_dir), "--policy", "bogus", "x"), "unknown policy", "bogus")
+
+
+def test_malformed_manifest(tmp_path):
+    m = tmp_path / "m.toml"
+    m.write_text("[corpus\nstdlib = true\n")
+    assert_user_error(cli("data", "build", "--manifest", str(m), "--out", str(tmp_path / "c")), str(m))
+
+
+def test_missing_train_config(tmp_path):
+    assert_user_error(cli("train", str(tmp_path / "none.toml"), "--out", str(tmp_path / "r")), "none.toml")
+
+
+def test_every_subcommand_has_help():
+    for args in (["--help"], ["generate", "--help"], ["train", "--help"], ["data", "build", "--help"],
+                 ["tokenizer", "train", "--help"], ["eval", "bpb", "--help"]):
+        r = cli(*args)
+        assert r.returncode == 0 and "usage:" in r.stdout, args
