@@ -179,15 +179,19 @@ def test_bins_decode_to_texts(built):
         assert meta["splits"][split]["bytes"] == sum(len(d.encode()) for d in want)
 
 
-def test_rebuild_identical(built, tmp_path):
+def test_rebuild_identical(built, tmp_path, monkeypatch):
     root, manifest, cache, wheels, meta = built
-    again = build_corpus(manifest, tmp_path / "again", cache=cache, find_links=wheels)
+
+    def no_pip(*a, **k):
+        raise AssertionError("the archives are cached; pip must not run again")
+
+    monkeypatch.setattr("unmask.data.sources.subprocess.run", no_pip)
+    again = build_corpus(manifest, tmp_path / "again", cache=cache)
     assert again == meta
     for f in ("manifest.json", "train.bin", "val.bin", "tokenizer.json"):
         assert (tmp_path / "again" / f).read_bytes() == (root / "out" / f).read_bytes()
     # Re-running over an existing directory works and leaves no temp files behind.
-    build_corpus(manifest, tmp_path / "again", cache=cache, find_links=wheels,
-                 tokenizer=root / "out" / "tokenizer.json")
+    build_corpus(manifest, tmp_path / "again", cache=cache, tokenizer=root / "out" / "tokenizer.json")
     assert not [p for p in (tmp_path / "again").rglob(".*")]
     assert (tmp_path / "again" / "train.bin").read_bytes() == (root / "out" / "train.bin").read_bytes()
 
@@ -204,6 +208,32 @@ def test_size_cap(built, tmp_path):
     assert {p["name"] for p in meta["skipped_packages"]} >= {"beta"}
     with pytest.raises(UserError, match="no room for training"):
         build_corpus(manifest, tmp_path / "c2", cache=cache, find_links=wheels, max_mb=0.001)
+
+
+def test_sdist_and_cache_lookup(tmp_path):
+    import io
+    import tarfile
+
+    from unmask.data.sources import archive_source, find_cached
+
+    sdist = tmp_path / "Delta_Pkg-2.0.tar.gz"
+    with tarfile.open(sdist, "w:gz") as tf:
+        for name, body in [("Delta_Pkg-2.0/PKG-INFO", "Name: Delta_Pkg\nVersion: 2.0\nLicense: MIT\n"),
+                           ("Delta_Pkg-2.0/delta/b.py", "B = 2\n"),
+                           ("Delta_Pkg-2.0/delta/a.py", "A = 1\n")]:
+            data = body.encode()
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tf.addfile(info, io.BytesIO(data))
+    src = archive_source("delta-pkg", "2.0", sdist, 1000)
+    assert [m.path for m in src.members] == ["PKG-INFO", "delta/a.py", "delta/b.py"]
+    assert src.members[1].read() == b"A = 1\n"
+    assert classify(src.metadata).license == "MIT"
+    assert find_cached(tmp_path, "delta.pkg", "2.0") == sdist
+    wheel = tmp_path / "delta_pkg-2.0-py3-none-any.whl"
+    wheel.write_bytes(b"")
+    assert find_cached(tmp_path, "Delta-Pkg", "2.0") == wheel  # a wheel wins over the sdist
+    assert find_cached(tmp_path, "delta-pkg", "2.1") is None
 
 
 def test_corpus_dir_errors(tmp_path):

@@ -208,6 +208,18 @@ def test_explicit_default_positions_match():
     torch.testing.assert_close(m(x, positions=torch.arange(L).expand(2, L)), m(x))
 
 
+@pytest.mark.parametrize("attention", ["full", "causal"])
+def test_rope_is_relative(attention):
+    """Shifting every position by the same offset leaves the logits unchanged (RoPE on q and k),
+    while reordering positions does not."""
+    m = make_model(attention=attention)
+    x = tokens()
+    with torch.no_grad():
+        ref = m(x)
+        torch.testing.assert_close(m(x, positions=torch.arange(L) + 17), ref, atol=1e-4, rtol=1e-4)
+        assert not torch.allclose(m(x, positions=torch.arange(L) * 3), ref, atol=1e-4)
+
+
 def test_kv_cache_requires_explicit_mask():
     m = make_model()
     with pytest.raises(ValueError, match="attn_mask"):

@@ -188,6 +188,8 @@ def build_corpus(
     kept, records, skipped, dedup_info = _collect(tasks, cfg, val, cap, cache, find_links)
     kept.sort(key=lambda r: (r[0], r[1], r[2]))
     by_split = {s: [r for r in kept if r[0] == s] for s in SPLITS}
+    if not by_split["val"]:
+        log.warning("the validation split is empty: name kept packages in corpus.val_packages")
     if not by_split["train"]:
         raise UserError(f"{manifest_path}: no training files were kept (all packages were skipped, "
                         "filtered or held out); add permissive packages or raise --max-mb")

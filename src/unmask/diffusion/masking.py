@@ -50,7 +50,7 @@ def token_times(t: torch.Tensor, length: int, block_size: int | None) -> torch.T
     """Broadcast per-sequence or per-block times to (B, L)."""
     if t.dim() == 1:
         return t[:, None].expand(-1, length)
-    return t.repeat(1, block_size)[:, :length]
+    return t.repeat_interleave(block_size, dim=1)[:, :length]
 
 
 def apply_mask(x0: torch.Tensor, masked: torch.Tensor, mask_id: int) -> torch.Tensor:

@@ -83,6 +83,9 @@ class Tokenizer:
         if path.is_dir():
             path = path / "tokenizer.json"
         atomic_write_text(path, self.to_str())
+        mask = os.umask(0)
+        os.umask(mask)
+        os.chmod(path, 0o666 & ~mask)  # atomic_write_text's temp file is 0600
 
     def sha256(self) -> str:
         return hashlib.sha256(self.to_str().encode("utf-8")).hexdigest()
