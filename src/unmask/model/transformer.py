@@ -124,6 +124,7 @@ class Transformer(nn.Module):
         kv_cache: KVCache | None = None,
         logits_from: int = 0,
         logits_to: int | None = None,
+        logits_at: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """idx: (B, T) token ids -> logits (B, T, vocab), float32.
 
@@ -132,6 +133,7 @@ class Transformer(nn.Module):
         config's attention mode is used; an explicit mask is required with a `kv_cache`.
         logits_from/logits_to: only project this slice of positions to the vocabulary (the LM head
         dominates the cost of a small model, and losses often need only part of the sequence).
+        logits_at: (B, A) indices into T; project only those positions (ragged engine batches).
         """
         B, T = idx.shape
         if positions is None:
@@ -152,7 +154,11 @@ class Transformer(nn.Module):
         x = self.embed(idx)
         for layer in self.layers:
             x = layer(x, cos, sin, attn_mask, is_causal, kv_cache)
-        return self.lm_head(self.norm(x[:, logits_from:logits_to])).float()
+        if logits_at is not None:
+            x = x.gather(1, logits_at.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
+        else:
+            x = x[:, logits_from:logits_to]
+        return self.lm_head(self.norm(x)).float()
 
     def num_params(self, non_embedding: bool = True) -> int:
         n = sum(p.numel() for p in self.parameters())

@@ -1,0 +1,258 @@
+"""`unmask.Engine`: continuous batching for diffusion and AR models.
+
+engine (this file) -> scheduler (admission, KV budget) -> runner (ragged batch, model call)
+                   -> policies (what to commit; pure functions in unmask.sampling.policies)
+
+Every `step()` runs one batched forward over all running requests; requests join and leave
+between steps. Block-causal models use an exact KV cache (prefill once, then one block per step,
+the finished block's keys fused into the next block's first step); causal models run on the same
+path with one query token per step; full-attention models use Fast-dLLM's approximate prefix or
+dual cache, refreshed at every block start and optionally every `refresh_interval` steps.
+"""
+from __future__ import annotations
+
+import itertools
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+
+import torch
+
+from ..errors import UserError
+from ..sampling.policies import StepParams, propose_batch, select_commits
+from ..sampling.prompt import layout_prompt
+from .kv_cache import PagedKVCache
+from .params import SamplingParams, resolve
+from .request import Request, RequestOutput
+from .runner import ModelRunner
+from .scheduler import Scheduler
+
+CACHE_MODES = {"block": ("exact", "none"), "causal": ("exact", "none"), "full": ("dual", "prefix", "none")}
+
+
+@dataclass
+class Event:
+    """What one step did for one request: newly committed text, optionally the whole canvas."""
+
+    request_id: str
+    delta: str
+    finished: bool
+    output: RequestOutput | None = None
+    canvas: list[int] | None = None  # generated region; mask_id marks still-masked positions
+    committed: list[int] | None = None  # positions (relative to the generated region) committed this step
+
+
+class Engine:
+    def __init__(self, model, *, max_batch: int = 16, kv_budget_tokens: int | None = None, cache: str = "auto",
+                 refresh_interval: int | None = None, quantize: str | None = None, compile: bool = False):
+        self.model = model
+        cfg = model.config
+        self.attention = cfg.attention
+        modes = CACHE_MODES[cfg.attention]
+        self.cache_mode = modes[0] if cache == "auto" else cache
+        if self.cache_mode not in modes:
+            raise UserError(f"cache {cache!r} does not apply to {cfg.attention} attention; choose one of: "
+                            f"auto, {', '.join(modes)}")
+        if max_batch < 1:
+            raise UserError(f"max_batch must be >= 1, got {max_batch}")
+        if quantize is not None:
+            from .quantize import quantize_model
+            model = quantize_model(model, quantize)
+            self.model = model
+        self.net = model.net
+        if compile:
+            self.net = torch.compile(self.net, dynamic=True)
+        self.mask_id, self.eos_id = cfg.mask_token_id, cfg.eos_token_id
+        self.max_batch = max_batch
+        self.refresh_interval = refresh_interval
+        cache_obj = None
+        if self.cache_mode != "none":
+            budget = kv_budget_tokens or max_batch * cfg.max_seq_len
+            page = cfg.block_size if cfg.attention == "block" else 16
+            dtype = next(model.net.parameters()).dtype
+            dtype = dtype if dtype.is_floating_point else torch.float32
+            cache_obj = PagedKVCache(cfg.n_layers, cfg.kv_heads, cfg.head_dim, budget, page, model.device, dtype)
+        self.cache = cache_obj
+        self.runner = ModelRunner(self.net, cache_obj, cfg)
+        self.scheduler = Scheduler(max_batch, cache_obj, self.attention, self.cache_mode)
+        self._ids = itertools.count()
+        self._requests: dict[str, Request] = {}
+        self.steps = 0
+
+    # ---- requests -------------------------------------------------------------------------------
+    def add_request(self, prompt, params: SamplingParams | None = None, request_id: str | None = None) -> str:
+        """Validate and queue one request; raises UserError (and changes nothing) if it is bad."""
+        params = params or SamplingParams()
+        head, tail = layout_prompt(self.model, prompt, params.suffix)
+        s = resolve(self.model, params, len(head) + len(tail))
+        if self.attention == "causal" and not head:
+            raise UserError("the prompt is empty; an autoregressive model needs at least one prompt token")
+        rid = request_id or f"req-{next(self._ids)}"
+        if rid in self._requests:
+            raise UserError(f"request id {rid!r} is already in use")
+        req = Request(rid, head, tail, s, params.seed, params.stream_canvas, self.refresh_interval)
+        if self.cache is not None and req.length > self.cache.capacity_tokens:
+            raise UserError(f"the request needs {req.length} tokens of KV cache but the engine's budget is "
+                            f"{self.cache.capacity_tokens}; raise kv_budget_tokens or lower max_tokens")
+        req.set_mask_id(self.mask_id)
+        self._requests[rid] = req
+        self.scheduler.add(req)
+        return rid
+
+    def abort(self, request_id: str) -> None:
+        req = self._requests.pop(request_id, None)
+        if req is not None:
+            self.scheduler.retire(req)
+
+    def has_work(self) -> bool:
+        return self.scheduler.has_work()
+
+    @property
+    def num_running(self) -> int:
+        return len(self.scheduler.running)
+
+    @property
+    def num_waiting(self) -> int:
+        return len(self.scheduler.waiting)
+
+    # ---- the step loop --------------------------------------------------------------------------
+    def step(self) -> list[Event]:
+        reqs = self.scheduler.schedule()
+        if not reqs:
+            return []
+        self.steps += 1
+        windows = [r.plan(self.attention, self.cache_mode) for r in reqs]
+        logits, valid = self.runner.forward([r.canvas for r in reqs], windows, [r.pages for r in reqs])
+        B, A = valid.shape
+        active = torch.full((B, A), -1, dtype=torch.long)
+        for i, w in enumerate(windows):
+            active[i, : w.hi - w.lo] = reqs[i].canvas[w.lo:w.hi]
+        if self.attention == "causal":
+            masked = valid.clone()  # the one position is the next token, always open
+        else:
+            masked = valid & (active == self.mask_id)
+        params = StepParams(
+            policy=torch.tensor([r.s.policy_id for r in reqs]),
+            k=torch.tensor([r.topk_k() for r in reqs]),
+            threshold=torch.tensor([r.s.threshold for r in reqs], dtype=torch.float64),
+            temperature=torch.tensor([r.s.temperature for r in reqs], dtype=torch.float64),
+            top_p=torch.tensor([r.s.top_p for r in reqs], dtype=torch.float64),
+        )
+        prop = propose_batch(logits, self.mask_id, params.temperature, params.top_p,
+                             [r.generator for r in reqs], valid=valid.to(logits.device))
+        commit = select_commits(prop, masked.to(logits.device), params).cpu()
+        tokens = prop.tokens.cpu()
+        events = []
+        for i, (r, w) in enumerate(zip(reqs, windows)):
+            try:
+                events.append(self._advance(r, w, commit[i], tokens[i]))
+            except Exception as e:  # one request's failure must not take the others down
+                r.error = f"{type(e).__name__}: {e}"
+                events.append(self._finish(r, "error"))
+        return events
+
+    def _advance(self, r: Request, w, commit: torch.Tensor, tokens: torch.Tensor) -> Event:
+        r.after_forward(self.attention, self.cache_mode, w)
+        idx = commit.nonzero().flatten()
+        if self.attention == "causal":
+            r.canvas[r.cur] = tokens[0]
+            committed = [r.cur - r.lo]
+            r.cur += 1
+            done = "stop" if int(tokens[0]) == self.eos_id else ("length" if r.cur >= r.hi else None)
+        else:
+            r.canvas[w.lo + idx] = tokens[idx]
+            committed = (w.lo - r.lo + idx).tolist()
+            r.step_in_block += 1
+            done = None
+            if r.block_done():
+                b, e = r.block
+                if bool((r.canvas[b:e] == self.eos_id).any()):
+                    done = "stop"
+                elif r.span_idx + 1 >= len(r.spans):
+                    done = "length"
+                else:
+                    r.span_idx += 1
+                    r._start_block()
+        ids, _ = r.committed_prefix(self.eos_id)
+        text = self.model.tokenizer.decode(ids, skip_special=True)
+        if ids and r.first_token_at is None:
+            r.first_token_at = time.perf_counter()
+        for stop in r.s.stop:
+            at = text.find(stop)
+            if at >= 0:
+                text, done = text[:at], "stop"
+        if done:
+            return self._finish(r, done, text, committed)
+        hold = max((len(x) for x in r.s.stop), default=1) - 1
+        safe = len(text) - hold
+        while safe > 0 and text[safe - 1] == "\ufffd":  # an incomplete UTF-8 sequence: wait for the rest
+            safe -= 1
+        delta = text[r.emitted:safe] if safe > r.emitted else ""
+        r.emitted = max(r.emitted, safe)
+        return Event(r.id, delta, False, None, *self._canvas(r, committed))
+
+    def _canvas(self, r: Request, committed: list[int]):
+        if not r.stream_canvas:
+            return None, None
+        return r.generated(), committed
+
+    def _finish(self, r: Request, reason: str, text: str | None = None, committed: list[int] | None = None) -> Event:
+        r.finish_reason, r.finished_at = reason, time.perf_counter()
+        ids, _ = r.committed_prefix(self.eos_id)
+        if text is None:
+            text = self.model.tokenizer.decode(ids, skip_special=True)
+        elif reason == "stop" and r.s.stop:
+            ids = self.model.tokenizer.encode(text) if text else []
+        self.scheduler.retire(r)
+        self._requests.pop(r.id, None)
+        out = self._output(r, text, ids)
+        delta = text[r.emitted:] if len(text) > r.emitted else ""
+        r.emitted = len(text)
+        return Event(r.id, delta, True, out, *self._canvas(r, committed or []))
+
+    def _output(self, r: Request, text: str, ids: list[int]) -> RequestOutput:
+        seconds = (r.finished_at or time.perf_counter()) - r.arrival
+        return RequestOutput(
+            request_id=r.id, text=text, token_ids=ids, finish_reason=r.finish_reason,
+            prompt_tokens=len(r.head) + len(r.tail), completion_tokens=len(ids), nfe=r.nfe,
+            tokens_per_forward=len(ids) / max(r.nfe, 1), seconds=seconds,
+            ttft=None if r.first_token_at is None else r.first_token_at - r.arrival,
+            preemptions=r.preemptions, error=r.error,
+        )
+
+    # ---- convenience ----------------------------------------------------------------------------
+    def generate(self, prompts: Sequence, params: SamplingParams | Sequence[SamplingParams] | None = None
+                 ) -> list[RequestOutput]:
+        """Run all prompts to completion, batched; outputs in prompt order.
+
+        Every request is validated before any runs, so a bad one raises UserError up front.
+        """
+        if isinstance(prompts, str) or (prompts and isinstance(prompts[0], dict)):
+            prompts = [prompts]
+        plist = list(params) if isinstance(params, (list, tuple)) else [params] * len(prompts)
+        if len(plist) != len(prompts):
+            raise UserError(f"got {len(prompts)} prompts but {len(plist)} sampling params")
+        ids = []
+        try:
+            for p, sp in zip(prompts, plist):
+                ids.append(self.add_request(p, sp))
+        except UserError as e:
+            for rid in ids:
+                self.abort(rid)
+            raise UserError(f"prompt {len(ids)}: {e}") from None
+        want, outs = set(ids), {}
+        while want - outs.keys():
+            for ev in self.step():
+                if ev.finished and ev.request_id in want:
+                    outs[ev.request_id] = ev.output
+        return [outs[i] for i in ids]
+
+    def stream(self, prompt, params: SamplingParams | None = None) -> Iterator[Event]:
+        """Yield this request's events step by step (other queued requests advance too)."""
+        rid = self.add_request(prompt, params)
+        while True:
+            for ev in self.step():
+                if ev.request_id == rid:
+                    yield ev
+                    if ev.finished:
+                        return

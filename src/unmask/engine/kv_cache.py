@@ -1,0 +1,71 @@
+"""A paged KV cache under a token budget.
+
+Keys and values live in one pool per layer, `(pages * page_size, kv_heads, head_dim)`, addressed
+through each request's page table, as in vLLM. Page 0 is never handed out: padded rows of a ragged
+batch write there, so they can never touch another request's pages.
+"""
+from __future__ import annotations
+
+import torch
+
+
+class PagedKVCache:
+    def __init__(self, n_layers: int, kv_heads: int, head_dim: int, budget_tokens: int, page_size: int,
+                 device, dtype=torch.float32):
+        self.page_size = page_size
+        self.n_pages = -(-budget_tokens // page_size) + 1
+        shape = (n_layers, self.n_pages * page_size, kv_heads, head_dim)
+        self.k = torch.zeros(shape, device=device, dtype=dtype)
+        self.v = torch.zeros(shape, device=device, dtype=dtype)
+        self._free = list(range(self.n_pages - 1, 0, -1))  # pop() hands out low page ids first
+
+    @property
+    def capacity_tokens(self) -> int:
+        return (self.n_pages - 1) * self.page_size
+
+    @property
+    def free_pages(self) -> int:
+        return len(self._free)
+
+    def pages_for(self, tokens: int) -> int:
+        return -(-tokens // self.page_size)
+
+    def grow(self, table: list[int], tokens: int) -> bool:
+        """Extend `table` to cover `tokens` positions; False (and no change) if the pool is short."""
+        need = self.pages_for(tokens) - len(table)
+        if need <= 0:
+            return True
+        if need > len(self._free):
+            return False
+        table.extend(self._free.pop() for _ in range(need))
+        return True
+
+    def release(self, table: list[int]) -> None:
+        self._free.extend(reversed(table))
+        table.clear()
+
+    def slots(self, table: list[int], positions: torch.Tensor) -> torch.Tensor:
+        """Physical pool rows of logical positions (positions must be covered by the table)."""
+        pages = torch.as_tensor(table, dtype=torch.long)
+        return pages[positions // self.page_size] * self.page_size + positions % self.page_size
+
+
+class BatchKV:
+    """The view of the cache one ragged forward sees; implements the model's KVCache protocol.
+
+    write: (B, T) pool rows that receive the window's new keys/values (padding -> scratch page 0).
+    read: (B, S) pool rows to attend to, in logical position order (padding -> scratch).
+    Writes happen before reads, so a window attends to its own fresh keys through the pool.
+    """
+
+    def __init__(self, cache: PagedKVCache, write: torch.Tensor, read: torch.Tensor):
+        self.cache, self.write, self.read = cache, write.flatten(), read
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor):
+        B, H, T, D = k.shape
+        pk, pv = self.cache.k[layer], self.cache.v[layer]
+        pk.index_copy_(0, self.write, k.transpose(1, 2).reshape(B * T, H, D).to(pk.dtype))
+        pv.index_copy_(0, self.write, v.transpose(1, 2).reshape(B * T, H, D).to(pv.dtype))
+        keys = pk[self.read].transpose(1, 2).to(k.dtype)  # (B, H, S, D)
+        values = pv[self.read].transpose(1, 2).to(v.dtype)
+        return keys, values

@@ -1,0 +1,66 @@
+"""The scheduler: admits and retires requests and owns the KV budget.
+
+Admission is first come, first served while a batch slot and enough cache pages for the request's
+next window are free. When a running request cannot grow, the most recently admitted one is
+preempted: its pages are freed and it goes back to the front of the queue to start over (at
+temperature 0, or with a seed, it produces the same output when it runs again).
+"""
+from __future__ import annotations
+
+from collections import deque
+
+from .kv_cache import PagedKVCache
+from .request import Request
+
+
+class Scheduler:
+    def __init__(self, max_batch: int, cache: PagedKVCache | None, attention: str, cache_mode: str):
+        self.max_batch, self.cache = max_batch, cache
+        self.attention, self.cache_mode = attention, cache_mode
+        self.waiting: deque[Request] = deque()
+        self.running: list[Request] = []
+        self.preemptions = 0
+
+    def add(self, req: Request) -> None:
+        self.waiting.append(req)
+
+    def _need(self, req: Request) -> int:
+        return req.plan(self.attention, self.cache_mode).key_end
+
+    def _preempt(self, req: Request) -> None:
+        self.running.remove(req)
+        self.cache.release(req.pages)
+        req.reset()
+        req.set_mask_id(req.mask_id)
+        req.preemptions += 1
+        self.preemptions += 1
+        self.waiting.appendleft(req)
+
+    def schedule(self) -> list[Request]:
+        """The requests that take part in the next forward, with cache pages for their windows."""
+        if self.cache is not None:
+            for req in list(self.running):
+                if req not in self.running:
+                    continue
+                while not self.cache.grow(req.pages, self._need(req)):
+                    victim = self.running[-1]
+                    self._preempt(victim)
+                    if victim is req:
+                        break
+        while self.waiting and len(self.running) < self.max_batch:
+            req = self.waiting[0]
+            if self.cache is not None and not self.cache.grow(req.pages, self._need(req)):
+                break
+            self.running.append(self.waiting.popleft())
+        return list(self.running)
+
+    def retire(self, req: Request) -> None:
+        if req in self.running:
+            self.running.remove(req)
+        elif req in self.waiting:
+            self.waiting.remove(req)
+        if self.cache is not None:
+            self.cache.release(req.pages)
+
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.running)
