@@ -43,19 +43,36 @@ def cmd_train(a) -> None:
 
 def cmd_generate(a) -> None:
     from .pretrained import load
-    from .sampling import reference_generate
 
     model = load(a.model)
     prompt = a.prompt if a.prompt != "-" else sys.stdin.read()
-    out = reference_generate(model, prompt, max_tokens=a.max_tokens, steps=a.steps, block_size=a.block_size,
-                             temperature=a.temperature, policy=a.policy, suffix=a.suffix, seed=a.seed)
+    if a.reference:
+        from .sampling import reference_generate
+
+        out = reference_generate(model, prompt, max_tokens=a.max_tokens, steps=a.steps, block_size=a.block_size,
+                                 temperature=a.temperature, top_p=a.top_p, policy=a.policy, suffix=a.suffix,
+                                 seed=a.seed)
+        stats = dict(text=out.text, completion_tokens=out.completion_tokens, nfe=out.nfe, seconds=out.seconds,
+                     finish_reason=out.finish_reason)
+    else:
+        from .engine import Engine, SamplingParams
+
+        engine = Engine(model, max_batch=1, quantize=a.quantize, cache=a.cache)
+        params = SamplingParams(max_tokens=a.max_tokens, temperature=a.temperature, top_p=a.top_p, policy=a.policy,
+                                threshold=a.threshold, steps=a.steps, block_size=a.block_size, seed=a.seed,
+                                suffix=a.suffix, stop=a.stop)
+        out = engine.generate([prompt], params)[0]
+        stats = dict(text=out.text, completion_tokens=out.completion_tokens, nfe=out.nfe, seconds=out.seconds,
+                     finish_reason=out.finish_reason, ttft=out.ttft)
+    stats["tokens_per_forward"] = stats["completion_tokens"] / max(stats["nfe"], 1)
+    stats["tokens_per_second"] = stats["completion_tokens"] / stats["seconds"] if stats["seconds"] > 0 else 0.0
     if a.json:
-        print(json.dumps(out.to_json()))
+        print(json.dumps(stats))
         return
-    print(prompt + out.text + (a.suffix or ""))
-    rate = out.completion_tokens / out.seconds if out.seconds > 0 else float("inf")
-    print(f"\n[{out.completion_tokens} tokens, NFE {out.nfe}, TPF {out.completion_tokens / max(out.nfe, 1):.2f}, "
-          f"{rate:.1f} tok/s, {out.seconds:.2f} s, finish={out.finish_reason}]", file=sys.stderr)
+    print(prompt + stats["text"] + (a.suffix or ""))
+    print(f"\n[{stats['completion_tokens']} tokens, NFE {stats['nfe']}, TPF {stats['tokens_per_forward']:.2f}, "
+          f"{stats['tokens_per_second']:.1f} tok/s, {stats['seconds']:.2f} s, finish={stats['finish_reason']}]",
+          file=sys.stderr)
 
 
 def cmd_eval_bpb(a) -> None:
@@ -112,7 +129,12 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--block-size", type=_positive_int, default=None)
     g.add_argument("--temperature", type=float, default=None)
     g.add_argument("--seed", type=int, default=None)
+    g.add_argument("--top-p", type=float, default=None)
+    g.add_argument("--stop", action="append", default=None, help="stop string (repeatable)")
     g.add_argument("--suffix", default=None, help="text after the gap: fill in the middle")
+    g.add_argument("--quantize", choices=["int8", "bf16"], default=None, help="quantize weights for serving")
+    g.add_argument("--cache", default="auto", help="KV cache: auto, exact, prefix, dual or none")
+    g.add_argument("--reference", action="store_true", help="use the slow reference sampler instead of the engine")
     g.add_argument("--json", action="store_true", help="print one JSON object")
     g.set_defaults(func=cmd_generate)
 
