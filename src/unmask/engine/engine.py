@@ -199,9 +199,10 @@ class Engine:
     def _finish(self, r: Request, reason: str, text: str | None = None, committed: list[int] | None = None) -> Event:
         r.finish_reason, r.finished_at = reason, time.perf_counter()
         ids, _ = r.committed_prefix(self.eos_id)
+        full = self.model.tokenizer.decode(ids, skip_special=True)
         if text is None:
-            text = self.model.tokenizer.decode(ids, skip_special=True)
-        elif reason == "stop" and r.s.stop:
+            text = full
+        elif text != full:  # a stop string cut the text (not EOS, which keeps the generated ids)
             ids = self.model.tokenizer.encode(text) if text else []
         self.scheduler.retire(r)
         self._requests.pop(r.id, None)

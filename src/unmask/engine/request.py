@@ -133,7 +133,8 @@ class Request:
             b, _ = self.block
             self.cached = max(self.cached, b // self.s.block_size * self.s.block_size)
         else:
-            self.since_refresh = 0 if window.start == 0 else self.since_refresh + 1
+            refreshed = window.start == 0 and window.end == self.length  # a full forward: every key is fresh
+            self.since_refresh = 1 if refreshed else self.since_refresh + 1  # forwards since that refresh
 
     def block_done(self) -> bool:
         b, e = self.block

@@ -18,6 +18,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import warnings
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -131,10 +132,27 @@ def _kill_group(proc: subprocess.Popen) -> None:
         pass
 
 
-def run_programs(codes: Sequence[str], timeout: float = DEFAULT_TIMEOUT, workers: int = DEFAULT_WORKERS
-                 ) -> list[ExecResult]:
-    """Run many programs, at most `workers` at a time; results in input order."""
-    if not codes:
-        return []
-    with ThreadPoolExecutor(max_workers=max(1, min(workers, len(codes)))) as pool:
-        return list(pool.map(lambda c: run_program(c, timeout), codes))
+def run_programs(codes: Sequence[str], timeout: float = DEFAULT_TIMEOUT, workers: int = DEFAULT_WORKERS,
+                 cache: dict | None = None) -> list[ExecResult]:
+    """Run many programs, at most `workers` at a time; results in input order.
+
+    A program that does not compile fails without a subprocess (it would die of the SyntaxError).
+    `cache` (program text -> result) lets repeated identical programs run once.
+    """
+    cache = {} if cache is None else cache
+    todo = []
+    for code in dict.fromkeys(codes):
+        if code in cache:
+            continue
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                compile(code, "<candidate>", "exec", dont_inherit=True)
+        except (SyntaxError, ValueError, RecursionError, MemoryError, OverflowError) as e:
+            cache[code] = ExecResult(False, "failed", 0.0, f"{type(e).__name__}: {e}"[:300])
+            continue
+        todo.append(code)
+    if todo:
+        with ThreadPoolExecutor(max_workers=max(1, min(workers, len(todo)))) as pool:
+            cache.update(zip(todo, pool.map(lambda c: run_program(c, timeout), todo)))
+    return [cache[c] for c in codes]

@@ -55,10 +55,10 @@ def check_program(problem: dict, body: str) -> str:
 
 
 def score_bodies(problems: Sequence[dict], completions: Sequence[str], *, timeout: float = DEFAULT_TIMEOUT,
-                 workers: int = DEFAULT_WORKERS) -> dict:
+                 workers: int = DEFAULT_WORKERS, cache: dict | None = None) -> dict:
     """Truncate, parse and execute completions of HumanEval prompts; pass@1 and syntax validity."""
     bodies = [truncate_completion(c, at_line_start=p["prompt"].endswith("\n")) for p, c in zip(problems, completions)]
-    results = run_programs([check_program(p, b) for p, b in zip(problems, bodies)], timeout, workers)
+    results = run_programs([check_program(p, b) for p, b in zip(problems, bodies)], timeout, workers, cache)
     syntax = [syntax_valid(p["prompt"] + b) for p, b in zip(problems, bodies)]
     per = [{"task_id": p["task_id"], "passed": r.passed, "status": r.status, "syntax_valid": s, "error": r.error,
             "completion": b} for p, b, r, s in zip(problems, bodies, results, syntax)]

@@ -17,9 +17,9 @@ def is_chat(prompt) -> bool:
 def encode_prompt(tokenizer, prompt: str | Sequence[int] | Sequence[dict], vocab_size: int) -> list[int]:
     """Token ids of a prompt. A chat is rendered with the tokenizer's chat template first."""
     if isinstance(prompt, str):
-        return list(tokenizer.encode(prompt))
+        return list(tokenizer.encode(prompt, allow_special=False))
     if is_chat(prompt):
-        return list(tokenizer.encode(tokenizer.apply_chat_template(list(prompt))))
+        return list(tokenizer.encode_chat(list(prompt)))
     if isinstance(prompt, (list, tuple)):
         try:
             ids = [operator.index(t) for t in prompt]
@@ -47,7 +47,7 @@ def layout_prompt(model, prompt, suffix: str | None = None) -> tuple[list[int], 
         return head, []
     if not isinstance(suffix, str):
         raise UserError(f"suffix must be a string, got {type(suffix).__name__}")
-    tail = list(tok.encode(suffix))
+    tail = list(tok.encode(suffix, allow_special=False))
     if model.config.attention == "full":
         return head, tail
     return [tok.fim_prefix_id, *head, tok.fim_suffix_id, *tail, tok.fim_middle_id], []

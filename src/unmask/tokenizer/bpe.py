@@ -101,8 +101,16 @@ class Tokenizer:
                 )
 
     # ---- encoding -----------------------------------------------------------------------
-    def encode(self, text: str) -> list[int]:
-        return self._tok.encode(text, add_special_tokens=False).ids
+    def encode(self, text: str, allow_special: bool = True) -> list[int]:
+        """allow_special=False encodes special-token strings in `text` as plain text: use it for
+        anything a user typed, so a prompt cannot smuggle in `<|mask|>` or `<|endoftext|>`."""
+        if allow_special:
+            return self._tok.encode(text, add_special_tokens=False).ids
+        self._tok.encode_special_tokens = True
+        try:
+            return self._tok.encode(text, add_special_tokens=False).ids
+        finally:
+            self._tok.encode_special_tokens = False
 
     def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
         # encode_batch_fast (tokenizers >= 0.20) skips offset tracking: about twice as fast.
@@ -164,6 +172,18 @@ class Tokenizer:
         return SPECIAL_IDS["end"]
 
     # ---- chat ---------------------------------------------------------------------------
+    def encode_chat(self, messages: list[dict], add_generation_prompt: bool = True) -> list[int]:
+        """Token ids of the chat template, with every message's content encoded as plain text."""
+        self.apply_chat_template(messages, add_generation_prompt)  # validates
+        ids: list[int] = []
+        newline = self.encode("\n")
+        for m in messages:
+            ids += [SPECIAL_IDS[m["role"]], *newline, *self.encode(m["content"], allow_special=False),
+                    SPECIAL_IDS["end"], *newline]
+        if add_generation_prompt:
+            ids += [SPECIAL_IDS["assistant"], *newline]
+        return ids
+
     def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
         """`<|role|>\\n{content}<|end|>\\n` per message, then `<|assistant|>\\n` to prompt a reply."""
         parts = []

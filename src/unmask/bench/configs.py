@@ -1,0 +1,71 @@
+"""What `unmask bench` runs, in one place: the decoding configurations, the concurrency levels, the
+workload sizes of the full and the quick run, and the targets."""
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+from ..eval.generate import Decoding
+
+REFERENCE = "reference"
+AR = "ar"
+MAIN = "threshold-0.9"  # the dLLM configuration the headline targets use
+
+# (system, decoding). system "dllm" runs on --model, "ar" on --ar-model.
+CONFIGS: tuple[tuple[str, Decoding], ...] = (
+    ("dllm", Decoding(REFERENCE, "reference", "topk", steps_ratio=1.0)),
+    ("dllm", Decoding("topk-L", "engine", "topk", steps_ratio=1.0)),
+    ("dllm", Decoding("topk-L/2", "engine", "topk", steps_ratio=0.5)),
+    ("dllm", Decoding("topk-L/4", "engine", "topk", steps_ratio=0.25)),
+    ("dllm", Decoding("threshold-0.9", "engine", "threshold", 0.9)),
+    ("dllm", Decoding("threshold-0.7", "engine", "threshold", 0.7)),
+    ("dllm", Decoding("threshold-0.5", "engine", "threshold", 0.5)),
+    ("dllm", Decoding("factor-1.0", "engine", "factor", 1.0)),
+    ("dllm", Decoding("entropy-0.1", "engine", "entropy", 0.1)),
+    ("dllm", Decoding("margin-0.9", "engine", "margin", 0.9)),
+    ("ar", Decoding(AR, "engine", None)),
+)
+CONCURRENCY = (1, 4, 16)
+# Full HumanEval (all problems, at batch 1) for these; the rest get pass@1 on the timed prompts only.
+HUMANEVAL_CONFIGS = ("topk-L", MAIN, AR)
+
+
+@dataclass(frozen=True)
+class Workload:
+    length: int = 256  # completion tokens per speed prompt (max_tokens)
+    prompts: int = 16  # HumanEval prompts timed at every concurrency (spread over the 164)
+    lines: int = 100  # held-out line-completion items, per configuration
+    line_tokens: int = 32  # max_tokens for one line
+    humaneval_limit: int | None = None  # problems for the full HumanEval of HUMANEVAL_CONFIGS; None = all 164
+    humaneval_concurrency: int = 1
+    timeout: float = 5.0  # seconds per program
+    workers: int = 2  # programs run in parallel
+
+
+FULL = Workload()
+# < 2 minutes on 2 cores: short generations, HumanEval only on the timed prompts.
+QUICK = Workload(length=32, prompts=16, lines=16, line_tokens=16, humaneval_limit=0)
+
+
+def workload(quick: bool, **overrides) -> Workload:
+    base = QUICK if quick else FULL
+    return replace(base, **{k: v for k, v in overrides.items() if v is not None})
+
+
+@dataclass(frozen=True)
+class Target:
+    key: str
+    text: str
+
+
+TARGETS = (
+    Target("engine_vs_reference", "dLLM engine >= 10x reference tok/s at length 256 with <= 1 point quality loss"),
+    Target("dllm_vs_ar", "dLLM >= 2x AR twin tok/s at batch 1 at equal quality (<= 1 point loss)"),
+    Target("batch_scaling", f"aggregate tok/s at 16 concurrent >= 3x batch 1 ({MAIN})"),
+)
+TARGET_LENGTH = 256
+SPEEDUP_VS_REFERENCE = 10.0
+SPEEDUP_VS_AR = 2.0
+BATCH_SCALING = 3.0
+MAX_QUALITY_LOSS_POINTS = 1.0
+# Quality metrics compared for "quality loss" (points = percentage points).
+QUALITY_KEYS = ("line_exact_match", "pass_at_1")

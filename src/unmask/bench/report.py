@@ -1,0 +1,114 @@
+"""The benchmark's outputs: a plain-text table, the JSON file and the speed-vs-quality plot."""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+from . import configs as C
+from .scoring import _index, quality_loss
+
+
+def _f(x, fmt: str, none: str = "-") -> str:
+    return none if x is None else format(x, fmt)
+
+
+def format_table(result: dict) -> str:
+    runs, idx = result["runs"], _index(result["runs"])
+    head = ["config", "conc", "tok/s", "TPF", "NFE", "TTFT ms", "p50 s", "p99 s", "pass@1", "syntax",
+            "line EM", "edit sim", "x ref", "x AR", "dQ ref", "dQ AR"]
+    rows = []
+    for r in runs:
+        m, q, x = r["metrics"], r["quality"], r["ratios"]
+        c = r["concurrency"]
+        ref, ar = idx.get((C.REFERENCE, c)), idx.get((C.AR, c))
+        dq_ref = -quality_loss(r, ref)[0] if ref and r is not ref else None
+        dq_ar = -quality_loss(r, ar)[0] if ar and r is not ar else None
+        rows.append([
+            r["config"] + (" (seq)" if r["sequential"] and c > 1 else ""), str(c), _f(m["tok_s"], ".1f"),
+            _f(m["tpf"], ".2f"), _f(m["mean_nfe"], ".1f"),
+            _f(None if m["ttft_mean_s"] is None else 1000 * m["ttft_mean_s"], ".0f"),
+            _f(m["latency_p50_s"], ".2f"), _f(m["latency_p99_s"], ".2f"),
+            _f(100 * q["pass_at_1"], ".1f"), _f(100 * q["syntax_valid"], ".1f"),
+            _f(100 * q["line_exact_match"], ".1f"), _f(100 * q["line_edit_similarity"], ".1f"),
+            _f(x["speedup_vs_reference"], ".2f"), _f(x["speedup_vs_ar"], ".2f"),
+            _f(dq_ref, "+.1f"), _f(dq_ar, "+.1f"),
+        ])
+    widths = [max(len(h), *(len(row[i]) for row in rows)) for i, h in enumerate(head)]
+    line = lambda cells: "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths)))  # noqa: E731
+    wl = result["workload"]
+    out = [f"unmask bench: {wl['prompts']} HumanEval prompts x {wl['length']} tokens per run; "
+           f"{wl['lines']} held-out lines (<= {wl['line_tokens']} tokens, at 16 concurrent) per config; "
+           f"{result['machine']['cpu_count']} CPUs, {result['machine']['torch_threads']} torch threads", "",
+           line(head), line(["-" * w for w in widths])]
+    out += [line(r) for r in rows]
+    out += ["",
+            "(seq): the reference sampler cannot batch; it ran the requests one at a time and its 4/16 rows are",
+            "that run, with queueing added to latency and TTFT. x ref / x AR: tok/s ratio against the reference /",
+            "AR twin at the same concurrency. dQ: quality change in points (min over line EM and pass@1; pass@1",
+            "on the full HumanEval where both have it). pass@1 and syntax: on the timed prompts."]
+    for name, he in result["humaneval"].items():
+        out.append(f"HumanEval pass@1 {name}: {100 * he['pass_at_1']:.1f} ({he['n']} problems, {he['max_tokens']} tokens, "
+                   f"batch {he['concurrency']}), syntax valid {100 * he['syntax_valid']:.1f}")
+    chk = result["checks"]["reference_vs_engine_topk_identical"]
+    out.append(f"reference == engine topk-L outputs: {100 * chk['speed_set']:.0f}% of speed prompts, "
+               f"{100 * chk['line_set']:.0f}% of lines")
+    out.append("")
+    for t in result["targets"]:
+        mark = "MET" if t["met"] else "NOT MET"
+        extra = ""
+        if t.get("best"):
+            b = t["best"]
+            extra = f" (best: {b['config']} x{b['speedup']:.2f}, quality loss {b['quality_loss_points']:.1f} pt)"
+        elif t.get("scaling") is not None:
+            extra = f" ({t['config']}: x{t['scaling']:.2f})"
+        if not t.get("applies", True):
+            extra += f" [{t.get('note', 'not applicable')}]"
+        out.append(f"target {mark:7s} {t['text']}{extra}")
+    out.append(f"total {result['seconds']:.1f} s")
+    return "\n".join(out)
+
+
+def write_json(result: dict, path: str | os.PathLike) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(result, indent=1, default=float) + "\n")
+    os.replace(tmp, path)
+    return path
+
+
+def write_plot(result: dict, path: str | os.PathLike) -> Path:
+    """Speed (tok/s, log scale) against quality: line exact match and edit similarity, per configuration,
+    at batch 1 (filled) and 16 concurrent (hollow)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    colors = {"reference": "tab:red", "dllm": "tab:blue", "ar": "tab:green"}
+    fig, axes = plt.subplots(1, 2, figsize=(13, 5.2))
+    for ax, key, label in ((axes[0], "line_exact_match", "held-out line exact match (%)"),
+                           (axes[1], "line_edit_similarity", "held-out line edit similarity (%)")):
+        for r in result["runs"]:
+            if r["concurrency"] not in (1, max(C.CONCURRENCY)):
+                continue
+            kind = "reference" if r["config"] == C.REFERENCE else r["system"]
+            x, y = max(r["metrics"]["tok_s"], 1e-3), 100 * r["quality"][key]
+            filled = r["concurrency"] == 1
+            ax.scatter([x], [y], s=55, color=colors[kind], facecolors=colors[kind] if filled else "none", zorder=3)
+            if filled:
+                ax.annotate(r["config"], (x, y), textcoords="offset points", xytext=(4, 4), fontsize=7)
+        ax.set_xscale("log")
+        ax.set_xlabel("aggregate tok/s (log); filled: batch 1, hollow: 16 concurrent")
+        ax.set_ylabel(label)
+        ax.grid(True, which="both", alpha=0.3)
+    m = result["machine"]
+    fig.suptitle(f"unmask bench: speed vs quality (length {result['workload']['length']}, "
+                 f"{m['cpu_count']} CPUs, torch {m['torch']}, {m['date_utc']})", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
