@@ -90,6 +90,103 @@ def cmd_eval_bpb(a) -> None:
     print(json.dumps(res) if a.json else f"{res['bpb']:.4f} bits/byte ({model.config.objective}, {res['tokens']} tokens)")
 
 
+def _decoding(a, name: str):
+    from .eval import Decoding
+
+    steps_ratio = None
+    return Decoding(name, "reference" if a.reference else "engine", a.policy, a.threshold, steps_ratio)
+
+
+def _eval_params(a) -> dict:
+    if a.steps is not None and a.policy not in (None, "topk"):
+        raise UserError("--steps applies to the topk policy only")
+    return dict(timeout=a.timeout, workers=a.workers)
+
+
+def _eval_setup(a):
+    from .eval.generate import set_threads
+    from .pretrained import load
+
+    set_threads(a.threads)
+    model = load(a.model)
+    dec = _decoding(a, a.eval_command)
+    if a.steps is not None:  # an absolute step count: express it against this run's max_tokens
+        from dataclasses import replace
+
+        dec = replace(dec, policy=dec.policy or "topk", steps_ratio=a.steps / a.max_tokens)
+    return model, dec
+
+
+def _eval_report(a, res: dict, summary: str, per_key: str) -> None:
+    if a.out:
+        out = Path(a.out)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text("".join(json.dumps(r) + "\n" for r in res[per_key]))
+    if a.json:
+        print(json.dumps({k: v for k, v in res.items() if k != per_key}))
+    else:
+        print(summary)
+
+
+def cmd_eval_humaneval(a) -> None:
+    from .eval import evaluate_humaneval
+
+    ex = _eval_params(a)
+    model, dec = _eval_setup(a)
+    res = evaluate_humaneval(model, dec, limit=a.limit, max_tokens=a.max_tokens, concurrency=a.batch, **ex)
+    res["model"] = str(model.path)
+    passed = sum(r["passed"] for r in res["problems"])
+    _eval_report(a, res, f"HumanEval pass@1 {100 * res['pass_at_1']:.1f}% ({passed}/{res['n']}), syntax valid "
+                 f"{100 * res['syntax_valid']:.1f}%, {res['tokens_per_second']:.1f} tok/s, TPF "
+                 f"{res['tokens_per_forward']:.2f} [{res['decoding']}, {res['max_tokens']} tokens]", "problems")
+
+
+def cmd_eval_infill(a) -> None:
+    from .eval import evaluate_infill
+
+    ex = _eval_params(a)
+    model, dec = _eval_setup(a)
+    res = evaluate_infill(model, dec, limit=a.limit, max_lines_per_problem=a.lines_per_problem,
+                          max_tokens=a.max_tokens, concurrency=a.batch, **ex)
+    res["model"] = str(model.path)
+    _eval_report(a, res, f"single-line infilling: pass@1 {100 * res['pass_at_1']:.1f}%, exact match "
+                 f"{100 * res['exact_match']:.1f}% ({res['n']} lines of {res['problems']} problems), "
+                 f"{res['tokens_per_second']:.1f} tok/s [{res['decoding']}]", "cases")
+
+
+def cmd_eval_lines(a) -> None:
+    from .eval import evaluate_lines, load_heldout
+
+    _eval_params(a)
+    model, dec = _eval_setup(a)
+    items = load_heldout(a.heldout, limit=a.limit)
+    res, batch = evaluate_lines(model, dec, items=items, max_tokens=a.max_tokens, concurrency=a.batch)
+    toks = sum(c.completion_tokens for c in batch.completions)
+    res.update(model=str(model.path), decoding=dec.describe(), seconds=batch.wall_seconds,
+               tokens_per_second=toks / batch.wall_seconds if batch.wall_seconds > 0 else 0.0)
+    _eval_report(a, res, f"held-out line completion: exact match {100 * res['exact_match']:.1f}%, edit similarity "
+                 f"{100 * res['edit_similarity']:.1f}% ({res['n']} lines) [{res['decoding']}]", "items")
+
+
+def cmd_bench(a) -> None:
+    from .bench import format_table, run_bench, workload, write_json, write_plot
+    from .pretrained import DEFAULT_AR_MODEL, default_model_dir, load
+
+    dllm = load(a.model)
+    ar = load(a.ar_model if a.ar_model is not None else default_model_dir(DEFAULT_AR_MODEL))
+    if dllm.config.attention == "causal":
+        raise UserError(f"--model {dllm.path}: an autoregressive model; pass the diffusion model as --model "
+                        "and its AR twin as --ar-model")
+    if ar.config.attention != "causal":
+        raise UserError(f"--ar-model {ar.path}: not an autoregressive (causal) model")
+    wl = workload(a.quick, length=a.length, prompts=a.prompts, lines=a.lines)
+    result = run_bench(dllm, ar, wl, heldout=a.heldout, threads=a.threads)
+    json_path = write_json(result, a.json)
+    plot_path = write_plot(result, a.plot if a.plot is not None else Path(a.json).with_suffix(".png"))
+    print(format_table(result))
+    print(f"\nwrote {json_path} and {plot_path}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="unmask", description="Train, fine-tune and serve masked-diffusion LMs.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -149,6 +246,47 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--seed", type=int, default=0)
     e.add_argument("--json", action="store_true")
     e.set_defaults(func=cmd_eval_bpb)
+
+    def decoding_args(q, max_tokens: int, batch: int) -> None:
+        q.add_argument("--model", default=None, help="model directory (default: the embedded model)")
+        q.add_argument("--limit", type=_positive_int, default=None, help="only the first N problems / items")
+        q.add_argument("--max-tokens", type=_positive_int, default=max_tokens, help=f"generation length (default {max_tokens})")
+        q.add_argument("--policy", default=None, help="topk, threshold, factor, entropy or margin (default: the model's)")
+        q.add_argument("--threshold", type=float, default=None, help="the policy's parameter (tau, factor or gamma)")
+        q.add_argument("--steps", type=_positive_int, default=None, help="topk: total diffusion steps")
+        q.add_argument("--batch", type=_positive_int, default=batch, help=f"requests in flight (default {batch})")
+        q.add_argument("--reference", action="store_true", help="use the slow reference sampler (one at a time)")
+        q.add_argument("--threads", type=_positive_int, default=None, help="torch threads (default: torch's)")
+        q.add_argument("--timeout", type=float, default=5.0, help="seconds per test program (default 5)")
+        q.add_argument("--workers", type=_positive_int, default=2, help="test programs run in parallel (default 2)")
+        q.add_argument("--json", action="store_true", help="print one JSON object (without per-item results)")
+        q.add_argument("--out", default=None, help="write per-item results to this JSONL file")
+
+    h = ev.add_parser("humaneval", help="HumanEval pass@1 (greedy, tests in sandboxed subprocesses) and syntax validity")
+    decoding_args(h, 256, 1)
+    h.set_defaults(func=cmd_eval_humaneval)
+    f = ev.add_parser("infill", help="single-line infilling on HumanEval solutions: pass@1 and exact match")
+    decoding_args(f, 48, 16)
+    f.add_argument("--lines-per-problem", type=_positive_int, default=None,
+                   help="mask this many lines per solution, spread (default: every non-blank line)")
+    f.set_defaults(func=cmd_eval_infill)
+    ln = ev.add_parser("lines", help="held-out line completion: exact match and edit similarity")
+    decoding_args(ln, 32, 16)
+    ln.add_argument("--heldout", default=None, help="JSONL of {prefix, line} (default: bench/heldout_lines.jsonl)")
+    ln.set_defaults(func=cmd_eval_lines)
+
+    bn = sub.add_parser("bench", help="speed and quality of the reference, the engine's policies and the AR twin")
+    bn.add_argument("--model", default=None, help="the diffusion model (default: the embedded model)")
+    bn.add_argument("--ar-model", default=None, help="its AR twin (default: the embedded AR twin)")
+    bn.add_argument("--json", default="bench/results/bench.json", help="where to write the results")
+    bn.add_argument("--plot", default=None, help="speed-vs-quality PNG (default: the JSON path with .png)")
+    bn.add_argument("--length", type=_positive_int, default=None, help="tokens per timed completion (256; quick: 32)")
+    bn.add_argument("--prompts", type=_positive_int, default=None, help="timed HumanEval prompts (16)")
+    bn.add_argument("--lines", type=_positive_int, default=None, help="held-out lines per configuration (100; quick: 16)")
+    bn.add_argument("--heldout", default=None, help="held-out line fixture (default: bench/heldout_lines.jsonl)")
+    bn.add_argument("--threads", type=_positive_int, default=None, help="torch threads (default: torch's)")
+    bn.add_argument("--quick", action="store_true", help="few prompts, short length: under 2 minutes on 2 cores")
+    bn.set_defaults(func=cmd_bench)
     return p
 
 

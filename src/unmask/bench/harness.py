@@ -96,6 +96,18 @@ def model_info(model) -> dict:
             "d_model": cfg.d_model, "n_layers": cfg.n_layers, "max_seq_len": cfg.max_seq_len}
 
 
+def check_fits(model, tasks, max_tokens: int, what: str) -> None:
+    """Refuse up front (UserError) a workload that does not fit the model's context."""
+    from ..errors import UserError
+    from ..sampling import layout_prompt
+
+    worst = max(sum(map(len, layout_prompt(model, t.prompt, t.suffix))) for t in tasks)
+    ctx = model.config.max_seq_len
+    if worst + max_tokens > ctx:
+        raise UserError(f"{model.path or 'model'}: the longest {what} is {worst} tokens, plus {max_tokens} to "
+                        f"generate is more than the model's context of {ctx}; lower --length")
+
+
 def _log(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
 
@@ -108,6 +120,11 @@ def run_bench(dllm, ar, wl: C.Workload, *, heldout=None, threads: int | None = N
     items = spread(load_heldout(heldout), wl.lines)
     speed_tasks = [Task(p["prompt"]) for p in problems]
     models = {"dllm": dllm, "ar": ar}
+    for m in models.values():
+        check_fits(m, speed_tasks, wl.length, "speed prompt")
+        check_fits(m, line_tasks(items), wl.line_tokens, "held-out line prefix")
+        if wl.humaneval_limit != 0:
+            check_fits(m, [Task(p["prompt"]) for p in load_problems(wl.humaneval_limit)], wl.length, "HumanEval prompt")
     exec_cache: dict = {}
     runs, lines, humaneval, texts = [], {}, {}, {}
     ex = dict(timeout=wl.timeout, workers=wl.workers, cache=exec_cache)
