@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -75,6 +76,21 @@ def cmd_generate(a) -> None:
           file=sys.stderr)
 
 
+def cmd_serve(a) -> None:
+    from .server import ServerConfig, serve
+
+    if a.api_key == "":
+        raise UserError("--api-key is empty; pass a key or leave the option out")
+    if not 0 <= a.port <= 65535:
+        raise UserError(f"--port must be in 0..65535, got {a.port}")
+    if a.max_queue < 0 or not a.timeout > 0:
+        raise UserError("--max-queue must be >= 0 and --timeout > 0")
+    cfg = ServerConfig(api_key=a.api_key, max_batch=a.max_batch, max_queue=a.max_queue, request_timeout=a.timeout,
+                       max_body_bytes=a.max_body_bytes, max_tokens_limit=a.max_tokens_limit)
+    serve(a.model, a.host, a.port, cfg=cfg, engine_options=dict(quantize=a.quantize, cache=a.cache),
+          device=a.device)
+
+
 def cmd_eval_bpb(a) -> None:
     from .data import corpus_meta, load_split
     from .eval import bits_per_byte
@@ -90,31 +106,25 @@ def cmd_eval_bpb(a) -> None:
     print(json.dumps(res) if a.json else f"{res['bpb']:.4f} bits/byte ({model.config.objective}, {res['tokens']} tokens)")
 
 
-def _decoding(a, name: str):
-    from .eval import Decoding
-
-    steps_ratio = None
-    return Decoding(name, "reference" if a.reference else "engine", a.policy, a.threshold, steps_ratio)
-
-
 def _eval_params(a) -> dict:
     if a.steps is not None and a.policy not in (None, "topk"):
         raise UserError("--steps applies to the topk policy only")
+    if not a.timeout > 0:
+        raise UserError(f"--timeout must be a positive number of seconds, got {a.timeout}")
     return dict(timeout=a.timeout, workers=a.workers)
 
 
 def _eval_setup(a):
+    from .eval import Decoding
     from .eval.generate import set_threads
     from .pretrained import load
 
     set_threads(a.threads)
     model = load(a.model)
-    dec = _decoding(a, a.eval_command)
-    if a.steps is not None:  # an absolute step count: express it against this run's max_tokens
-        from dataclasses import replace
-
-        dec = replace(dec, policy=dec.policy or "topk", steps_ratio=a.steps / a.max_tokens)
-    return model, dec
+    policy = "topk" if a.steps is not None else a.policy
+    steps_ratio = a.steps / a.max_tokens if a.steps is not None else None  # topk steps, relative to max_tokens
+    sampler = "reference" if a.reference else "engine"
+    return model, Decoding(a.eval_command, sampler, policy, a.threshold, steps_ratio)
 
 
 def _eval_report(a, res: dict, summary: str, per_key: str) -> None:
@@ -179,12 +189,26 @@ def cmd_bench(a) -> None:
                         "and its AR twin as --ar-model")
     if ar.config.attention != "causal":
         raise UserError(f"--ar-model {ar.path}: not an autoregressive (causal) model")
-    wl = workload(a.quick, length=a.length, prompts=a.prompts, lines=a.lines)
+    if a.humaneval_limit is not None and a.humaneval_limit < 0:
+        raise UserError(f"--humaneval-limit must be 0 (the timed prompts only) or more, got {a.humaneval_limit}")
+    wl = workload(a.quick, length=a.length, prompts=a.prompts, lines=a.lines, humaneval_limit=a.humaneval_limit,
+                  humaneval_concurrency=a.humaneval_batch)
     result = run_bench(dllm, ar, wl, heldout=a.heldout, threads=a.threads)
     json_path = write_json(result, a.json)
     plot_path = write_plot(result, a.plot if a.plot is not None else Path(a.json).with_suffix(".png"))
     print(format_table(result))
     print(f"\nwrote {json_path} and {plot_path}")
+
+
+def cmd_convert(a) -> None:
+    import torch
+
+    from .pretrained import load, save
+
+    model = load(a.src)
+    card = (model.path / "README.md").read_text() if (model.path / "README.md").exists() else None
+    out = save(model, a.dst, card=card, dtype={"bf16": torch.bfloat16, "fp32": torch.float32}[a.dtype])
+    print(f"wrote {out} ({a.dtype})")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -235,6 +259,22 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--json", action="store_true", help="print one JSON object")
     g.set_defaults(func=cmd_generate)
 
+    sv = sub.add_parser("serve", help="OpenAI-compatible HTTP server, with the playground at /")
+    sv.add_argument("--model", default=None, help="model directory (default: the embedded model)")
+    sv.add_argument("--host", default="127.0.0.1", help="address to listen on (default: loopback only)")
+    sv.add_argument("--port", type=int, default=8000)
+    sv.add_argument("--api-key", default=os.environ.get("UNMASK_API_KEY"),
+                    help="require 'Authorization: Bearer KEY' on /v1/* and /metrics (default: $UNMASK_API_KEY)")
+    sv.add_argument("--max-batch", type=_positive_int, default=16, help="requests decoded together")
+    sv.add_argument("--max-queue", type=int, default=64, help="requests waiting beyond the batch before 429")
+    sv.add_argument("--timeout", type=float, default=300.0, help="seconds a request may take")
+    sv.add_argument("--max-body-bytes", type=_positive_int, default=1 << 20)
+    sv.add_argument("--max-tokens-limit", type=_positive_int, default=None, help="cap on max_tokens (default: context)")
+    sv.add_argument("--quantize", choices=["int8", "bf16"], default=None, help="quantize weights for serving")
+    sv.add_argument("--cache", default="auto", help="KV cache: auto, exact, prefix, dual or none")
+    sv.add_argument("--device", default="auto", help="cpu, cuda, cuda:N, or auto (CUDA when available)")
+    sv.set_defaults(func=cmd_serve)
+
     ev = sub.add_parser("eval", help="quality evaluations").add_subparsers(dest="eval_command", required=True)
     e = ev.add_parser("bpb", help="held-out bits per byte (ELBO for diffusion models, exact NLL for AR)")
     e.add_argument("--model", default=None)
@@ -263,7 +303,7 @@ def build_parser() -> argparse.ArgumentParser:
         q.add_argument("--out", default=None, help="write per-item results to this JSONL file")
 
     h = ev.add_parser("humaneval", help="HumanEval pass@1 (greedy, tests in sandboxed subprocesses) and syntax validity")
-    decoding_args(h, 256, 1)
+    decoding_args(h, 256, 16)
     h.set_defaults(func=cmd_eval_humaneval)
     f = ev.add_parser("infill", help="single-line infilling on HumanEval solutions: pass@1 and exact match")
     decoding_args(f, 48, 16)
@@ -284,9 +324,18 @@ def build_parser() -> argparse.ArgumentParser:
     bn.add_argument("--prompts", type=_positive_int, default=None, help="timed HumanEval prompts (16)")
     bn.add_argument("--lines", type=_positive_int, default=None, help="held-out lines per configuration (100; quick: 16)")
     bn.add_argument("--heldout", default=None, help="held-out line fixture (default: bench/heldout_lines.jsonl)")
+    bn.add_argument("--humaneval-limit", type=int, default=None,
+                    help="problems for the full HumanEval of the main configs (default all 164; 0: only the timed prompts)")
+    bn.add_argument("--humaneval-batch", type=_positive_int, default=None,
+                    help="requests in flight for that HumanEval run (default 1)")
     bn.add_argument("--threads", type=_positive_int, default=None, help="torch threads (default: torch's)")
     bn.add_argument("--quick", action="store_true", help="few prompts, short length: under 2 minutes on 2 cores")
     bn.set_defaults(func=cmd_bench)
+    c = sub.add_parser("convert", help="convert a checkpoint (today: our layout, changing the storage dtype)")
+    c.add_argument("src")
+    c.add_argument("dst")
+    c.add_argument("--dtype", choices=["bf16", "fp32"], default="bf16")
+    c.set_defaults(func=cmd_convert)
     return p
 
 

@@ -145,6 +145,8 @@ def save(model: Pretrained | Transformer, out: str | os.PathLike, tokenizer=None
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}."))
+    umask = os.umask(0)
+    os.umask(umask)
     old = out.with_name(f".{out.name}.old")
     try:
         state = {k: v.detach().to("cpu", dtype).contiguous() for k, v in net.state_dict().items()}
@@ -157,6 +159,10 @@ def save(model: Pretrained | Transformer, out: str | os.PathLike, tokenizer=None
             tokenizer.save(tmp / "tokenizer.json")
         if card is not None:
             atomic_write_text(tmp / "README.md", card)
+        # mkdtemp makes the directory 0700; a checkpoint should be as readable as any other file.
+        os.chmod(tmp, 0o777 & ~umask)
+        for f in tmp.iterdir():
+            os.chmod(f, 0o666 & ~umask)
         if out.exists():
             # Keep a hand-written model card if the caller did not supply one.
             if card is None and (out / "README.md").exists():

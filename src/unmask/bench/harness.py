@@ -6,8 +6,8 @@ at every concurrency in configs.CONCURRENCY, on a fixed workload:
   same generations: pass@1 on those problems and syntax validity of prompt + truncated body.
 - line set: held-out line completion (bench/heldout_lines.jsonl), stop at newline, at concurrency 16
   per configuration: exact match and edit similarity.
-- full HumanEval pass@1 (batch 1) for configs.HUMANEVAL_CONFIGS (skipped in --quick, where the
-  speed set's pass@1 stands in).
+- full HumanEval pass@1 (batch 1) for configs.HUMANEVAL_CONFIGS (in --quick: the timed prompts),
+  and single-line infilling (one line of each of `infill_problems` solutions) for the same configs.
 
 The reference sampler cannot batch: it runs once, sequentially, and its 4- and 16-concurrent rows
 are that same run with queueing (a request waits for the ones before it) added to its latencies.
@@ -26,7 +26,7 @@ import torch
 
 from ..eval.code_quality import mean
 from ..eval.generate import Batch, Completion, Task, run_tasks, set_threads, warm_up
-from ..eval.humaneval import load_problems, score_bodies, spread
+from ..eval.humaneval import evaluate_infill, infill_cases, load_problems, score_bodies, spread
 from ..eval.line_completion import line_tasks, load_heldout, score_lines
 from . import configs as C
 from .scoring import add_ratios, check_targets
@@ -50,12 +50,21 @@ def speed_metrics(batch: Batch) -> dict:
     }
 
 
+def cycle(xs: list, n: int) -> list:
+    """xs repeated (in order) to n items, so a run at concurrency c has at least c requests."""
+    return [xs[i % len(xs)] for i in range(max(n, len(xs)))]
+
+
 def queued(batch: Batch, concurrency: int) -> Batch:
     """A sequential run seen by a closed-loop client with `concurrency` requests in flight: the
-    server works one at a time, so each request also waits for the ones submitted before it."""
-    slots = [0.0] * min(concurrency, len(batch.completions))  # when each client slot submits next
+    server works one at a time, so each request also waits for the ones submitted before it.
+    With fewer requests than `concurrency` the measured ones are repeated (as `cycle` does)."""
+    done = cycle(batch.completions, concurrency)
+    if concurrency == 1:
+        return batch
+    slots = [0.0] * concurrency  # when each client slot submits next
     free_at, comps = 0.0, []
-    for c in batch.completions:
+    for c in done:
         k = min(range(len(slots)), key=slots.__getitem__)
         submit = slots[k]
         start = max(submit, free_at)
@@ -64,7 +73,8 @@ def queued(batch: Batch, concurrency: int) -> Batch:
         wait = start - submit
         comps.append(Completion(c.text, c.completion_tokens, c.nfe, wait + c.latency,
                                 None if c.ttft is None else wait + c.ttft, c.finish_reason, c.error))
-    return Batch(comps, batch.wall_seconds, concurrency, sequential=True)
+    wall = batch.wall_seconds * len(done) / max(len(batch.completions), 1)  # the measured run, repeated as needed
+    return Batch(comps, wall, concurrency, sequential=True)
 
 
 def machine_info(threads: int) -> dict:
@@ -120,13 +130,17 @@ def run_bench(dllm, ar, wl: C.Workload, *, heldout=None, threads: int | None = N
     items = spread(load_heldout(heldout), wl.lines)
     speed_tasks = [Task(p["prompt"]) for p in problems]
     models = {"dllm": dllm, "ar": ar}
+    infill_problems = spread(load_problems(), wl.infill_problems) if wl.infill_problems else []
     for m in models.values():
         check_fits(m, speed_tasks, wl.length, "speed prompt")
         check_fits(m, line_tasks(items), wl.line_tokens, "held-out line prefix")
+        if infill_problems:
+            check_fits(m, [Task(c.prefix, c.suffix) for c in infill_cases(infill_problems, 1)], wl.infill_tokens,
+                       "infilling prompt")
         if wl.humaneval_limit != 0:
             check_fits(m, [Task(p["prompt"]) for p in load_problems(wl.humaneval_limit)], wl.length, "HumanEval prompt")
     exec_cache: dict = {}
-    runs, lines, humaneval, texts = [], {}, {}, {}
+    runs, lines, humaneval, infill, texts = [], {}, {}, {}, {}
     ex = dict(timeout=wl.timeout, workers=wl.workers, cache=exec_cache)
 
     for system, dec in C.CONFIGS:
@@ -135,14 +149,16 @@ def run_bench(dllm, ar, wl: C.Workload, *, heldout=None, threads: int | None = N
         warm_up(model, dec)
         if dec.sampler == "reference":
             once = run_tasks(model, speed_tasks, dec, max_tokens=wl.length, concurrency=1)
-            batches = {c: (once if c == 1 else queued(once, c)) for c in C.CONCURRENCY}
+            batches = {c: queued(once, c) for c in C.CONCURRENCY}
         else:
-            batches = {c: run_tasks(model, speed_tasks, dec, max_tokens=wl.length, concurrency=c) for c in C.CONCURRENCY}
+            batches = {c: run_tasks(model, cycle(speed_tasks, c), dec, max_tokens=wl.length, concurrency=c)
+                       for c in C.CONCURRENCY}
         base_texts = [x.text for x in batches[1].completions]
         texts[dec.name] = base_texts
         for c, batch in batches.items():
-            q = score_bodies(problems, [x.text for x in batch.completions], **ex)
-            same = mean(a.text == b for a, b in zip(batch.completions, base_texts))
+            probs_c = cycle(problems, len(batch.completions))
+            q = score_bodies(probs_c, [x.text for x in batch.completions], **ex)
+            same = mean(a.text == b for a, b in zip(batch.completions, cycle(base_texts, len(batch.completions))))
             run = {"config": dec.name, "system": system, "concurrency": c, "sequential": batch.sequential,
                    "metrics": speed_metrics(batch),
                    "quality": {"pass_at_1": q["pass_at_1"], "syntax_valid": q["syntax_valid"],
@@ -161,8 +177,14 @@ def run_bench(dllm, ar, wl: C.Workload, *, heldout=None, threads: int | None = N
         for run in runs:
             if run["config"] == dec.name:
                 run["quality"].update(line_exact_match=ls["exact_match"], line_edit_similarity=ls["edit_similarity"])
-        if dec.name in C.HUMANEVAL_CONFIGS and wl.humaneval_limit != 0:
+        if dec.name in C.HUMANEVAL_CONFIGS:
             humaneval[dec.name] = _full_humaneval(model, dec, wl, problems, base_texts, ex)
+            if wl.infill_problems:
+                inf = evaluate_infill(model, dec, problems=infill_problems, max_lines_per_problem=1,
+                                      max_tokens=wl.infill_tokens, concurrency=max(C.CONCURRENCY),
+                                      timeout=wl.timeout, workers=wl.workers)
+                infill[dec.name] = {k: inf[k] for k in ("n", "pass_at_1", "exact_match", "max_tokens", "seconds",
+                                                        "tokens_per_second", "tokens_per_forward")}
         t = runs[-1]["metrics"]
         log(f"[bench] {dec.name:14s} done in {time.perf_counter() - t_cfg:6.1f} s  "
             f"(c=1 {runs[-len(batches)]['metrics']['tok_s']:8.1f} tok/s, c=16 {t['tok_s']:8.1f} tok/s, "
@@ -184,7 +206,7 @@ def run_bench(dllm, ar, wl: C.Workload, *, heldout=None, threads: int | None = N
         "models": {"dllm": model_info(dllm), "ar": model_info(ar)},
         "configs": [{"name": d.name, "system": s, "sampler": d.sampler, "policy": d.policy, "threshold": d.threshold,
                      "steps_ratio": d.steps_ratio, "describe": d.describe()} for s, d in C.CONFIGS],
-        "runs": runs, "lines": lines, "humaneval": humaneval, "checks": checks,
+        "runs": runs, "lines": lines, "humaneval": humaneval, "infill": infill, "checks": checks,
     }
     result["targets"] = check_targets(result)
     result["seconds"] = time.perf_counter() - t_start
@@ -192,9 +214,9 @@ def run_bench(dllm, ar, wl: C.Workload, *, heldout=None, threads: int | None = N
 
 
 def _full_humaneval(model, dec, wl: C.Workload, speed_problems, speed_texts, ex) -> dict:
-    """pass@1 over `humaneval_limit` problems (all 164 by default) at batch 1; problems of the speed
-    set reuse their batch-1 generations (same prompt, same length, greedy)."""
-    problems = load_problems(wl.humaneval_limit)
+    """pass@1 over `humaneval_limit` problems (all 164 by default; 0: just the timed prompts) at batch 1;
+    problems of the speed set reuse their batch-1 generations (same prompt, same length, greedy)."""
+    problems = list(speed_problems) if wl.humaneval_limit == 0 else load_problems(wl.humaneval_limit)
     have = {p["task_id"]: t for p, t in zip(speed_problems, speed_texts)}
     todo = [p for p in problems if p["task_id"] not in have]
     t0 = time.perf_counter()
@@ -205,4 +227,5 @@ def _full_humaneval(model, dec, wl: C.Workload, speed_problems, speed_texts, ex)
     return {"n": res["n"], "pass_at_1": res["pass_at_1"], "syntax_valid": res["syntax_valid"],
             "timeouts": res["timeouts"], "max_tokens": wl.length, "concurrency": wl.humaneval_concurrency,
             "generated": len(todo), "seconds": time.perf_counter() - t0,
+            "subset": "timed prompts" if wl.humaneval_limit == 0 else "first N" if wl.humaneval_limit else "all",
             "passed": [r["task_id"] for r in res["problems"] if r["passed"]]}

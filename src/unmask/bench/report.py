@@ -35,9 +35,13 @@ def format_table(result: dict) -> str:
             _f(dq_ref, "+.1f"), _f(dq_ar, "+.1f"),
         ])
     widths = [max(len(h), *(len(row[i]) for row in rows)) for i, h in enumerate(head)]
-    line = lambda cells: "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths)))  # noqa: E731
+
+    def line(cells: list[str]) -> str:
+        return "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths)))
+
     wl = result["workload"]
-    out = [f"unmask bench: {wl['prompts']} HumanEval prompts x {wl['length']} tokens per run; "
+    rep = " (repeated to fill the concurrency)" if wl["prompts"] < max(C.CONCURRENCY) else ""
+    out = [f"unmask bench: {wl['prompts']} HumanEval prompts{rep} x {wl['length']} tokens per run; "
            f"{wl['lines']} held-out lines (<= {wl['line_tokens']} tokens, at 16 concurrent) per config; "
            f"{result['machine']['cpu_count']} CPUs, {result['machine']['torch_threads']} torch threads", "",
            line(head), line(["-" * w for w in widths])]
@@ -50,6 +54,9 @@ def format_table(result: dict) -> str:
     for name, he in result["humaneval"].items():
         out.append(f"HumanEval pass@1 {name}: {100 * he['pass_at_1']:.1f} ({he['n']} problems, {he['max_tokens']} tokens, "
                    f"batch {he['concurrency']}), syntax valid {100 * he['syntax_valid']:.1f}")
+    for name, inf in result.get("infill", {}).items():
+        out.append(f"single-line infilling {name}: pass@1 {100 * inf['pass_at_1']:.1f}, exact match "
+                   f"{100 * inf['exact_match']:.1f} ({inf['n']} lines, one per problem, 16 concurrent)")
     chk = result["checks"]["reference_vs_engine_topk_identical"]
     out.append(f"reference == engine topk-L outputs: {100 * chk['speed_set']:.0f}% of speed prompts, "
                f"{100 * chk['line_set']:.0f}% of lines")
@@ -101,6 +108,11 @@ def write_plot(result: dict, path: str | os.PathLike) -> Path:
             ax.scatter([x], [y], s=55, color=colors[kind], facecolors=colors[kind] if filled else "none", zorder=3)
             if filled:
                 ax.annotate(r["config"], (x, y), textcoords="offset points", xytext=(4, 4), fontsize=7)
+        if ax is axes[0]:
+            for kind, col in colors.items():
+                ax.scatter([], [], color=col, label={"reference": "reference sampler", "dllm": "dLLM on the engine",
+                                                     "ar": "AR twin on the engine"}[kind])
+            ax.legend(loc="best", fontsize=8)
         ax.set_xscale("log")
         ax.set_xlabel("aggregate tok/s (log); filled: batch 1, hollow: 16 concurrent")
         ax.set_ylabel(label)

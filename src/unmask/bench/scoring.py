@@ -26,7 +26,7 @@ def quality_loss(run: dict, base: dict) -> tuple[float, dict]:
             used["humaneval_pass_at_1"] = d["humaneval_pass_at_1"]
         elif k in d:
             used[k] = d[k]
-    return max([-v for v in used.values()], default=0.0), used
+    return max([-v for v in used.values()], default=0.0) + 0.0, used  # + 0.0: no -0.0
 
 
 def _ratio(a: float, b: float) -> float | None:

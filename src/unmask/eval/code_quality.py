@@ -16,12 +16,11 @@ def truncate_completion(completion: str, at_line_start: bool = True) -> str:
     `at_line_start`: the prompt ended with a newline, so the completion's first line is a full line
     (and is checked too). Otherwise its first line continues the prompt's last line and is kept.
     """
-    lines = completion.split("\n")
-    for i, line in enumerate(lines):
-        if i == 0 and not at_line_start:
-            continue
-        if line.startswith(STOP_PREFIXES):
-            return "\n".join(lines[:i])
+    pos = 0
+    for i, line in enumerate(completion.split("\n")):
+        if (i > 0 or at_line_start) and line.startswith(STOP_PREFIXES):
+            return completion[:pos]  # everything before the stop line, its newlines included
+        pos += len(line) + 1
     return completion
 
 

@@ -1,0 +1,125 @@
+"""Request schemas for the OpenAI-compatible API, plus our diffusion extensions.
+
+Every model forbids unknown fields and validates strictly (no "5" for 5), so a typo in a field name
+is a 400 rather than a silently ignored option. OpenAI fields that we accept but cannot honour are
+declared (a client may send their defaults) and refused with a clear message when set to anything
+else; see `unsupported()`.
+"""
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+Seed = Annotated[int, Field(ge=-(2**63), le=2**63 - 1)]
+Stop = str | Annotated[list[str], Field(max_length=16)] | None
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
+
+
+class StreamOptions(_Strict):
+    include_usage: bool = False
+
+
+class _Sampling(_Strict):
+    """Fields shared by every generation endpoint."""
+
+    model: str | None = Field(None, description="The served model's id (see /v1/models); optional.")
+    max_tokens: int | None = Field(None, ge=1, description="Tokens to generate (the canvas length).")
+    temperature: float | None = Field(None, ge=0, description="0 is greedy; default from the model.")
+    top_p: float | None = Field(None, gt=0, le=1)
+    n: int = Field(1, ge=1, description="Only 1 is supported.")
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    stop: Stop = None
+    seed: Seed | None = None
+    user: str | None = None
+    presence_penalty: float | None = None
+    frequency_penalty: float | None = None
+    logit_bias: dict[str, float] | None = None
+    # diffusion extensions
+    steps: int | None = Field(None, ge=1, description="Diffusion steps in total (topk policy).")
+    threshold: float | None = Field(None, description="The policy's parameter: tau, f or gamma.")
+    policy: Literal["topk", "threshold", "factor", "entropy", "margin"] | None = None
+    block_size: int | None = Field(None, ge=1, description="Full-attention models only.")
+    diffusing: bool = Field(False, description="Stream the whole canvas at every step (needs stream).")
+
+
+class CompletionRequest(_Sampling):
+    prompt: str | Annotated[list[int], Field(min_length=1)] | Annotated[list[str], Field(min_length=1, max_length=1)] \
+        | Annotated[list[list[int]], Field(min_length=1, max_length=1)] = Field(
+            ..., description="Text or token ids; one prompt per request.")
+    suffix: str | None = Field(None, description="Text after the gap: fill in the middle.")
+    echo: bool = False
+    logprobs: int | None = None
+    best_of: int | None = None
+
+
+class FimRequest(_Sampling):
+    """Inception Mercury's /v1/fim/completions: the code before and after the cursor."""
+
+    prompt: str
+    suffix: str = ""
+
+
+class ContentPart(_Strict):
+    type: Literal["text"]
+    text: str
+
+
+class ChatMessage(_Strict):
+    role: Literal["system", "developer", "user", "assistant"]
+    content: str | list[ContentPart]
+    name: str | None = None
+
+
+class ChatRequest(_Sampling):
+    messages: Annotated[list[ChatMessage], Field(min_length=1)]
+    max_completion_tokens: int | None = Field(None, ge=1)
+    logprobs: bool = False
+    top_logprobs: int | None = None
+    response_format: dict | None = None
+    tools: list[dict] | None = None
+    tool_choice: str | dict | None = None
+    parallel_tool_calls: bool | None = None
+    metadata: dict[str, str] | None = None
+    store: bool | None = None
+
+
+# field -> the values that mean "not used", which we accept and ignore
+_NEUTRAL = {
+    "echo": (False,), "logprobs": (None, False, 0), "best_of": (None, 1), "top_logprobs": (None, 0),
+    "presence_penalty": (None, 0), "frequency_penalty": (None, 0), "logit_bias": (None, {}),
+    "tools": (None, []), "tool_choice": (None, "none", "auto"), "parallel_tool_calls": (None, True, False),
+    "response_format": (None, {"type": "text"}),
+}
+
+
+def unsupported(req: BaseModel) -> str | None:
+    """The first OpenAI field that is set to something this server cannot do, if any."""
+    for name, neutral in _NEUTRAL.items():
+        if name in type(req).model_fields and getattr(req, name) not in neutral:
+            return name
+    return None
+
+
+def chat_messages(req: ChatRequest) -> list[dict]:
+    """The engine's chat prompt: text parts joined; OpenAI's 'developer' role is our 'system'."""
+    out = []
+    for m in req.messages:
+        content = m.content if isinstance(m.content, str) else "".join(p.text for p in m.content)
+        out.append({"role": "system" if m.role == "developer" else m.role, "content": content})
+    return out
+
+
+class ErrorBody(BaseModel):
+    message: str
+    type: str
+    param: str | None = None
+    code: str | None = None
+
+
+class ErrorResponse(BaseModel):
+    error: ErrorBody
