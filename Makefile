@@ -17,11 +17,23 @@ $(STAMP): pyproject.toml
 
 venv: $(STAMP)
 
+# The dLLM, then its AR twin on the same engine for comparison (both are version-0 models: see
+# models/*/README.md for what they can and cannot do yet).
+DEMO_PROMPT := def fibonacci(n):
 demo: $(STAMP)
-	$(BIN)/unmask generate --max-tokens 96 "def fibonacci(n):"
+	@echo "== unmask-coder (block diffusion), 64 tokens in 16 steps =="
+	$(BIN)/unmask generate --max-tokens 64 --steps 16 "$(DEMO_PROMPT)"
+	@echo "== unmask-coder-ar (AR twin), one token per step =="
+	$(BIN)/unmask generate --model models/unmask-coder-ar --max-tokens 64 "$(DEMO_PROMPT)"
 
 test: $(STAMP)
 	$(BIN)/python -m pytest
+
+serve: $(STAMP)
+	$(BIN)/unmask serve
+
+bench: $(STAMP)
+	$(BIN)/unmask bench --json bench/results/bench.json
 
 clean:
 	rm -rf $(VENV) build *.egg-info src/*.egg-info
