@@ -21,6 +21,7 @@ CACHES = {"block": ["exact", "none"], "causal": ["exact", "none"], "full": ["dua
 BLOCK = 4
 CTX = 64
 POLICIES = ["topk", "threshold", "factor", "entropy", "margin"]
+pytestmark = pytest.mark.timeout(120)  # a request that never finishes fails instead of hanging
 
 
 @pytest.fixture(autouse=True)
@@ -352,7 +353,7 @@ def test_small_kv_budget(models, attention, cache):
     preempted = engine.scheduler.preemptions
     assert preempted == sum(o.preemptions for o in outs)
     assert preempted > 0 or any(delayed)
-    if attention != "full":
+    if attention == "block":  # fused 2-block windows outgrow the admission headroom: preemption happens
         assert preempted > 0
     assert engine.cache.free_pages == free0 and not engine.has_work()
     # A request larger than the whole budget is refused up front; the engine still serves.

@@ -12,6 +12,7 @@ dual cache, refreshed at every block start and optionally every `refresh_interva
 from __future__ import annotations
 
 import itertools
+import secrets
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -55,6 +56,8 @@ class Engine:
                             f"auto, {', '.join(modes)}")
         if max_batch < 1:
             raise UserError(f"max_batch must be >= 1, got {max_batch}")
+        if refresh_interval is not None and refresh_interval < 1:
+            raise UserError(f"refresh_interval must be >= 1 (or None: refresh at block starts only), got {refresh_interval}")
         if quantize is not None:
             from .quantize import quantize_model
             model = quantize_model(model, quantize)
@@ -90,7 +93,10 @@ class Engine:
         rid = request_id or f"req-{next(self._ids)}"
         if rid in self._requests:
             raise UserError(f"request id {rid!r} is already in use")
-        req = Request(rid, head, tail, s, params.seed, params.stream_canvas, self.refresh_interval)
+        # A sampling request without a seed gets one now, so that a preempted request restarts with
+        # the same randomness and its already-streamed text stays valid.
+        seed = params.seed if params.seed is not None or s.temperature == 0 else secrets.randbits(63)
+        req = Request(rid, head, tail, s, seed, params.stream_canvas, self.refresh_interval)
         if self.cache is not None and req.length > self.cache.capacity_tokens:
             raise UserError(f"the request needs {req.length} tokens of KV cache but the engine's budget is "
                             f"{self.cache.capacity_tokens}; raise kv_budget_tokens or lower max_tokens")
@@ -203,7 +209,7 @@ class Engine:
         if text is None:
             text = full
         elif text != full:  # a stop string cut the text (not EOS, which keeps the generated ids)
-            ids = self.model.tokenizer.encode(text) if text else []
+            ids = self.model.tokenizer.encode(text, allow_special=False) if text else []
         self.scheduler.retire(r)
         self._requests.pop(r.id, None)
         out = self._output(r, text, ids)

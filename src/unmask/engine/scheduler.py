@@ -49,8 +49,14 @@ class Scheduler:
                         break
         while self.waiting and len(self.running) < self.max_batch:
             req = self.waiting[0]
-            if self.cache is not None and not self.cache.grow(req.pages, self._need(req)):
-                break
+            if self.cache is not None:
+                # Keep one free page per running request as headroom, so admitting a newcomer does not
+                # immediately force a preemption when the others grow (admission thrash).
+                need = self.cache.pages_for(self._need(req)) - len(req.pages)
+                if self.running and need + len(self.running) > self.cache.free_pages:
+                    break
+                if not self.cache.grow(req.pages, self._need(req)):
+                    break
             self.running.append(self.waiting.popleft())
         return list(self.running)
 
