@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import torch
 
 from ..errors import UserError
-from ..sampling.policies import StepParams, propose_batch, select_commits
+from ..sampling.policies import ENTROPY, MARGIN, StepParams, propose_batch, select_commits
 from ..sampling.prompt import layout_prompt
 from .kv_cache import PagedKVCache
 from .params import SamplingParams, resolve
@@ -144,8 +144,10 @@ class Engine:
             temperature=torch.tensor([r.s.temperature for r in reqs], dtype=torch.float64),
             top_p=torch.tensor([r.s.top_p for r in reqs], dtype=torch.float64),
         )
+        used = set(params.policy.tolist())
         prop = propose_batch(logits, self.mask_id, params.temperature, params.top_p,
-                             [r.generator for r in reqs], valid=valid.to(logits.device))
+                             [r.generator for r in reqs], valid=valid.to(logits.device),
+                             need_margin=MARGIN in used, need_entropy=ENTROPY in used)
         commit = select_commits(prop, masked.to(logits.device), params).cpu()
         tokens = prop.tokens.cpu()
         events = []

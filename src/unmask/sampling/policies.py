@@ -83,7 +83,8 @@ class Proposal:
 
 
 def propose_batch(logits: torch.Tensor, mask_id: int, temperature: torch.Tensor, top_p: torch.Tensor,
-                  generators: Sequence[torch.Generator | None], valid: torch.Tensor | None = None) -> Proposal:
+                  generators: Sequence[torch.Generator | None], valid: torch.Tensor | None = None,
+                  need_margin: bool = True, need_entropy: bool = True) -> Proposal:
     """Candidate tokens and their statistics for a batch of windows.
 
     logits: (B, T, V), any float dtype (computed in float64). temperature, top_p: (B,) (tensors or
@@ -91,6 +92,8 @@ def propose_batch(logits: torch.Tensor, mask_id: int, temperature: torch.Tensor,
     global default generator, which is not batch-invariant). valid: optional (B, T) bool of real
     positions; it only decides how much noise a sampling row draws (see the module docstring), and
     what is proposed at invalid positions is unspecified.
+    need_margin / need_entropy: False skips those full-vocabulary reductions (zeros are returned);
+    pass False when no row of the batch uses the margin / entropy policy.
 
     Greedy rows (temperature 0) take the argmax (ties to the lowest id; top-p cannot change it) and
     never loop in Python. Sampling rows are looped over: top-p filter, then the Gumbel-max in float64,
@@ -126,9 +129,15 @@ def propose_batch(logits: torch.Tensor, mask_id: int, temperature: torch.Tensor,
                 tokens[r, pos] = picked
 
     confidence = probs.gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
-    top2 = probs.topk(2, dim=-1).values
-    margin = top2[..., 0] - top2[..., 1]
-    entropy = torch.special.entr(probs).sum(-1)  # entr(0) == 0: the forbidden [MASK] adds nothing
+    if need_margin:
+        top2 = probs.topk(2, dim=-1).values
+        margin = top2[..., 0] - top2[..., 1]
+    else:
+        margin = torch.zeros_like(confidence)
+    if need_entropy:
+        entropy = torch.special.entr(probs).sum(-1)  # entr(0) == 0: the forbidden [MASK] adds nothing
+    else:
+        entropy = torch.zeros_like(confidence)
     return Proposal(tokens, confidence, margin, entropy)
 
 
