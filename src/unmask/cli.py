@@ -320,12 +320,12 @@ def build_parser() -> argparse.ArgumentParser:
     bn.add_argument("--ar-model", default=None, help="its AR twin (default: the embedded AR twin)")
     bn.add_argument("--json", default="bench/results/bench.json", help="where to write the results")
     bn.add_argument("--plot", default=None, help="speed-vs-quality PNG (default: the JSON path with .png)")
-    bn.add_argument("--length", type=_positive_int, default=None, help="tokens per timed completion (256; quick: 32)")
-    bn.add_argument("--prompts", type=_positive_int, default=None, help="timed HumanEval prompts (16)")
-    bn.add_argument("--lines", type=_positive_int, default=None, help="held-out lines per configuration (100; quick: 16)")
+    bn.add_argument("--length", type=_positive_int, default=None, help="tokens per timed completion (256; quick: 16)")
+    bn.add_argument("--prompts", type=_positive_int, default=None, help="timed HumanEval prompts (8; quick: 4)")
+    bn.add_argument("--lines", type=_positive_int, default=None, help="held-out lines per configuration (50; quick: 8)")
     bn.add_argument("--heldout", default=None, help="held-out line fixture (default: bench/heldout_lines.jsonl)")
     bn.add_argument("--humaneval-limit", type=int, default=None,
-                    help="problems for the full HumanEval of the main configs (default all 164; 0: only the timed prompts)")
+                    help="HumanEval problems for the main configs (default 0: the timed prompts; 164: all)")
     bn.add_argument("--humaneval-batch", type=_positive_int, default=None,
                     help="requests in flight for that HumanEval run (default 1)")
     bn.add_argument("--threads", type=_positive_int, default=None, help="torch threads (default: torch's)")
