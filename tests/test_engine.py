@@ -582,3 +582,31 @@ def test_threshold_policy_commits_several_tokens_per_forward(fresh, attention):
         assert o.completion_tokens == 16 and o.nfe < 16
         assert o.tokens_per_forward == o.completion_tokens / o.nfe > 1.0
     assert min(o.nfe for o in outs) >= 4  # at least one forward per block
+
+
+@pytest.mark.parametrize("attention", ["block", "causal"])
+def test_chat_turn_ends_at_end_of_turn_token(fresh, attention):
+    """A chat reply stops at `<|end|>` (not only EOS); a plain prompt does not stop there."""
+    model = fresh(attention)
+    end = model.tokenizer.end_id
+    chat = [{"role": "user", "content": "hi"}]
+    n_head = len(model.tokenizer.encode_chat(chat))
+    orig = model.net.forward
+
+    def forward(idx, positions=None, attn_mask=None, kv_cache=None, logits_from=0, logits_to=None, logits_at=None):
+        logits = orig(idx, positions, attn_mask, kv_cache, logits_from, logits_to, logits_at).clone()
+        B, T = idx.shape
+        pos = torch.arange(T).expand(B, T) if positions is None else positions.expand(B, T)
+        pos = pos.gather(1, logits_at) if logits_at is not None else pos[:, logits_from:logits_to]
+        logits[..., model.config.eos_token_id] = -1e4
+        logits[..., end] = -1e4
+        # the third generated token (canvas position n_head + 2) is end-of-turn; a causal model
+        # predicts position i from the logits at i - 1
+        logits[pos == n_head + 2 - (attention == "causal"), end] = 1e4
+        return logits
+
+    model.net.forward = forward
+    out = Engine(model).generate([chat], SamplingParams(max_tokens=12))[0]
+    assert out.finish_reason == "stop" and len(out.token_ids) == 2 and end not in out.token_ids
+    plain = Engine(model).generate([model.tokenizer.encode_chat(chat)], SamplingParams(max_tokens=12))[0]
+    assert plain.finish_reason == "length" and len(plain.token_ids) == 12

@@ -21,7 +21,7 @@ import torch
 
 from ..errors import UserError
 from ..sampling.policies import ENTROPY, MARGIN, StepParams, propose_batch, select_commits
-from ..sampling.prompt import layout_prompt
+from ..sampling.prompt import is_chat, layout_prompt
 from .kv_cache import PagedKVCache
 from .params import SamplingParams, resolve
 from .request import Request, RequestOutput
@@ -96,7 +96,9 @@ class Engine:
         # A sampling request without a seed gets one now, so that a preempted request restarts with
         # the same randomness and its already-streamed text stays valid.
         seed = params.seed if params.seed is not None or s.temperature == 0 else secrets.randbits(63)
-        req = Request(rid, head, tail, s, seed, params.stream_canvas, self.refresh_interval)
+        # A chat turn ends at end-of-turn as well as at EOS.
+        stop_ids = frozenset({self.eos_id, self.model.tokenizer.end_id} if is_chat(prompt) else {self.eos_id})
+        req = Request(rid, head, tail, s, seed, params.stream_canvas, self.refresh_interval, stop_ids)
         if self.cache is not None and req.length > self.cache.capacity_tokens:
             raise UserError(f"the request needs {req.length} tokens of KV cache but the engine's budget is "
                             f"{self.cache.capacity_tokens}; raise kv_budget_tokens or lower max_tokens")
@@ -166,7 +168,7 @@ class Engine:
             r.canvas[r.cur] = tokens[0]
             committed = [r.cur - r.lo]
             r.cur += 1
-            done = "stop" if int(tokens[0]) == self.eos_id else ("length" if r.cur >= r.hi else None)
+            done = "stop" if int(tokens[0]) in r.stop_ids else ("length" if r.cur >= r.hi else None)
         else:
             r.canvas[w.lo + idx] = tokens[idx]
             committed = (w.lo - r.lo + idx).tolist()
@@ -174,14 +176,14 @@ class Engine:
             done = None
             if r.block_done():
                 b, e = r.block
-                if bool((r.canvas[b:e] == self.eos_id).any()):
+                if bool(torch.isin(r.canvas[b:e], torch.tensor(list(r.stop_ids))).any()):
                     done = "stop"
                 elif r.span_idx + 1 >= len(r.spans):
                     done = "length"
                 else:
                     r.span_idx += 1
                     r._start_block()
-        ids, _ = r.committed_prefix(self.eos_id)
+        ids, _ = r.committed_prefix()
         text = self.model.tokenizer.decode(ids, skip_special=True)
         if ids and r.first_token_at is None:
             r.first_token_at = time.perf_counter()
@@ -206,7 +208,7 @@ class Engine:
 
     def _finish(self, r: Request, reason: str, text: str | None = None, committed: list[int] | None = None) -> Event:
         r.finish_reason, r.finished_at = reason, time.perf_counter()
-        ids, _ = r.committed_prefix(self.eos_id)
+        ids, _ = r.committed_prefix()
         full = self.model.tokenizer.decode(ids, skip_special=True)
         if text is None:
             text = full

@@ -52,6 +52,7 @@ class Request:
     seed: int | None
     stream_canvas: bool = False
     refresh_interval: int | None = None  # full-attention approximate cache: steps between refreshes
+    stop_ids: frozenset[int] = frozenset()  # EOS, plus end-of-turn for chats
     arrival: float = field(default_factory=time.perf_counter)
     # runtime state, reset on preemption
     pages: list[int] = field(default_factory=list)
@@ -143,12 +144,14 @@ class Request:
     def generated(self) -> list[int]:
         return self.canvas[self.lo:self.hi].tolist()
 
-    def committed_prefix(self, eos_id: int) -> tuple[list[int], bool]:
-        """The generated tokens up to the first still-masked position, cut at EOS; and whether EOS was seen."""
+    def committed_prefix(self) -> tuple[list[int], bool]:
+        """The generated tokens up to the first still-masked position, cut at the first stop token;
+        and whether a stop token was seen."""
         gen = self.canvas[self.lo:self.hi]
         masked = (gen == self.mask_id).nonzero()
         n = int(masked[0]) if len(masked) else len(gen)
         ids = gen[:n].tolist()
-        if eos_id in ids:
-            return ids[: ids.index(eos_id)], True
+        for i, t in enumerate(ids):
+            if t in self.stop_ids:
+                return ids[:i], True
         return ids, False
