@@ -47,6 +47,10 @@ def speed_metrics(batch: Batch) -> dict:
         "ttft_mean_s": mean(ttfts) if ttfts else None,
         "latency_p50_s": float(np.percentile(lat, 50)), "latency_p99_s": float(np.percentile(lat, 99)),
         "errors": sum(c.error is not None for c in comps),
+        # CPU this process got per second of wall time, over the torch threads: much below 1 means other
+        # work was competing for the cores and the timings are pessimistic.
+        "cpu_share": batch.extra.get("cpu_seconds", 0.0) / (batch.wall_seconds * torch.get_num_threads())
+        if batch.wall_seconds > 0 else None,
     }
 
 
@@ -73,8 +77,9 @@ def queued(batch: Batch, concurrency: int) -> Batch:
         wait = start - submit
         comps.append(Completion(c.text, c.completion_tokens, c.nfe, wait + c.latency,
                                 None if c.ttft is None else wait + c.ttft, c.finish_reason, c.error))
-    wall = batch.wall_seconds * len(done) / max(len(batch.completions), 1)  # the measured run, repeated as needed
-    return Batch(comps, wall, concurrency, sequential=True)
+    scale = len(done) / max(len(batch.completions), 1)  # the measured run, repeated as needed
+    extra = {k: v * scale for k, v in batch.extra.items() if k == "cpu_seconds"}
+    return Batch(comps, batch.wall_seconds * scale, concurrency, sequential=True, extra=extra)
 
 
 def machine_info(threads: int) -> dict:
@@ -82,7 +87,8 @@ def machine_info(threads: int) -> dict:
             "python": platform.python_version(), "platform": platform.platform(),
             "processor": platform.processor() or platform.machine(),
             "date_utc": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-            "omp_num_threads": os.environ.get("OMP_NUM_THREADS")}
+            "omp_num_threads": os.environ.get("OMP_NUM_THREADS"),
+            "load_average": list(os.getloadavg()) if hasattr(os, "getloadavg") else None}
     try:
         from importlib.metadata import version
 
@@ -126,6 +132,7 @@ def run_bench(dllm, ar, wl: C.Workload, *, heldout=None, threads: int | None = N
     """Run everything on loaded models (Pretrained); returns the JSON-able result."""
     t_start = time.perf_counter()
     threads = set_threads(threads)
+    load_at_start = list(os.getloadavg()) if hasattr(os, "getloadavg") else None  # other work skews timings
     problems = spread(load_problems(), wl.prompts)
     items = spread(load_heldout(heldout), wl.lines)
     speed_tasks = [Task(p["prompt"]) for p in problems]
@@ -209,12 +216,14 @@ def run_bench(dllm, ar, wl: C.Workload, *, heldout=None, threads: int | None = N
         "runs": runs, "lines": lines, "humaneval": humaneval, "infill": infill, "checks": checks,
     }
     result["targets"] = check_targets(result)
+    result["machine"]["load_average_at_start"] = load_at_start
+    result["machine"]["load_average"] = list(os.getloadavg()) if hasattr(os, "getloadavg") else None
     result["seconds"] = time.perf_counter() - t_start
     return result
 
 
 def _full_humaneval(model, dec, wl: C.Workload, speed_problems, speed_texts, ex) -> dict:
-    """pass@1 over `humaneval_limit` problems (all 164 by default; 0: just the timed prompts) at batch 1;
+    """pass@1 over `humaneval_limit` problems (0: just the timed prompts; N: the first N; None: all) at batch 1;
     problems of the speed set reuse their batch-1 generations (same prompt, same length, greedy)."""
     problems = list(speed_problems) if wl.humaneval_limit == 0 else load_problems(wl.humaneval_limit)
     have = {p["task_id"]: t for p, t in zip(speed_problems, speed_texts)}
@@ -227,5 +236,5 @@ def _full_humaneval(model, dec, wl: C.Workload, speed_problems, speed_texts, ex)
     return {"n": res["n"], "pass_at_1": res["pass_at_1"], "syntax_valid": res["syntax_valid"],
             "timeouts": res["timeouts"], "max_tokens": wl.length, "concurrency": wl.humaneval_concurrency,
             "generated": len(todo), "seconds": time.perf_counter() - t0,
-            "subset": "timed prompts" if wl.humaneval_limit == 0 else "first N" if wl.humaneval_limit else "all",
+            "subset": "timed prompts" if wl.humaneval_limit == 0 else "all" if len(problems) == 164 else "first N",
             "passed": [r["task_id"] for r in res["problems"] if r["passed"]]}

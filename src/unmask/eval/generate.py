@@ -16,6 +16,10 @@ from dataclasses import dataclass, field
 
 import torch
 
+# Imported up front, not per call: a long benchmark must not pick up a half-edited module midway.
+from ..engine import Engine, SamplingParams
+from ..sampling import layout_prompt, reference_generate
+
 
 @dataclass(frozen=True)
 class Decoding:
@@ -67,12 +71,20 @@ class Batch:
 
 def run_tasks(model, tasks: Sequence[Task], decoding: Decoding, *, max_tokens: int, concurrency: int = 1,
               stop: Sequence[str] | None = None, max_batch: int = 16, progress=None) -> Batch:
-    """Generate one greedy completion per task; outputs in task order."""
-    if decoding.sampler == "reference":
-        return _run_reference(model, tasks, decoding, max_tokens, concurrency, progress)
-    if decoding.sampler != "engine":
+    """Generate one greedy completion per task; outputs in task order.
+
+    `extra["cpu_seconds"]`: CPU time this process used meanwhile (all threads); well below
+    wall * threads means the run shared the CPU with something else.
+    """
+    if decoding.sampler not in ("engine", "reference"):
         raise ValueError(f"unknown sampler {decoding.sampler!r}")
-    return _run_engine(model, tasks, decoding, max_tokens, concurrency, stop, max_batch, progress)
+    cpu0 = time.process_time()
+    if decoding.sampler == "reference":
+        batch = _run_reference(model, tasks, decoding, max_tokens, concurrency, progress)
+    else:
+        batch = _run_engine(model, tasks, decoding, max_tokens, concurrency, stop, max_batch, progress)
+    batch.extra["cpu_seconds"] = time.process_time() - cpu0
+    return batch
 
 
 def warm_up(model, decoding: Decoding, prompt: str = "def f(x):\n    return") -> None:
@@ -81,16 +93,12 @@ def warm_up(model, decoding: Decoding, prompt: str = "def f(x):\n    return") ->
 
 
 def _sampling_params(decoding: Decoding, task: Task, max_tokens: int, stop):
-    from ..engine import SamplingParams
-
     return SamplingParams(max_tokens=max_tokens, temperature=0.0, policy=decoding.policy,
                           threshold=decoding.threshold, steps=decoding.steps(max_tokens),
                           stop=list(stop) if stop else None, suffix=task.suffix)
 
 
 def _run_engine(model, tasks, decoding, max_tokens, concurrency, stop, max_batch, progress) -> Batch:
-    from ..engine import Engine
-
     engine = Engine(model, max_batch=max(max_batch, concurrency))
     params = [_sampling_params(decoding, t, max_tokens, stop) for t in tasks]
     pending = deque(range(len(tasks)))
@@ -131,8 +139,6 @@ class _FirstTokenClock:
 
 
 def _run_reference(model, tasks, decoding, max_tokens, concurrency, progress) -> Batch:
-    from ..sampling import layout_prompt, reference_generate
-
     comps = []
     t_all = time.perf_counter()
     for task in tasks:
