@@ -1,16 +1,13 @@
 """unmask: train, fine-tune and serve masked-diffusion language models."""
 from .config import GenerationConfig, ModelConfig
+from .engine import Engine, RequestOutput, SamplingParams
 from .errors import UserError
 from .pretrained import Pretrained, load, save
+from .sampling import reference_generate
 
 __version__ = "0.1.0"
 
-
-def reference_generate(model, prompt, **kwargs):
-    """The plain LLaDA-style sampler (see unmask.sampling.reference)."""
-    from .sampling import reference_generate as _ref
-
-    return _ref(model, prompt, **kwargs)
-
-
-__all__ = ["GenerationConfig", "ModelConfig", "Pretrained", "UserError", "load", "reference_generate", "save"]
+__all__ = [
+    "Engine", "GenerationConfig", "ModelConfig", "Pretrained", "RequestOutput", "SamplingParams", "UserError",
+    "load", "reference_generate", "save",
+]
