@@ -6,17 +6,15 @@ last, so a directory with one describes complete, checksummed files.
 """
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import os
-import tempfile
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 
 from ..errors import UserError
+from ..fsutil import atomic_open  # noqa: F401  (re-exported for data.build)
 
 MANIFEST = "manifest.json"
 SPLITS = ("train", "val")
@@ -29,32 +27,6 @@ def document_text(package: str, path: str, text: str, header: bool = True) -> st
 
 def token_dtype(vocab_size: int) -> np.dtype:
     return np.dtype("<u2") if vocab_size <= 2**16 else np.dtype("<u4")
-
-
-@contextlib.contextmanager
-def atomic_open(path: str | os.PathLike, mode: str = "wb") -> Iterator:
-    """A file that appears at `path` only once the block finishes without an error."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        kw = {"encoding": "utf-8", "newline": "\n"} if "b" not in mode else {}
-        with os.fdopen(fd, mode, **kw) as f:
-            yield f
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, default_mode())  # mkstemp makes 0600; a corpus is meant to be shared
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def default_mode() -> int:
-    """0666 minus the umask: what a plain open() would have created."""
-    mask = os.umask(0)
-    os.umask(mask)
-    return 0o666 & ~mask
 
 
 def file_sha256(path: str | os.PathLike) -> str:

@@ -15,7 +15,7 @@ from pathlib import Path
 from tokenizers import Tokenizer as _HFTokenizer
 from tokenizers import decoders, models, pre_tokenizers, trainers
 
-from ..config import atomic_write_text
+from ..fsutil import atomic_write_text
 from ..errors import UserError
 
 # The order is part of the on-disk format: these take ids 0..9 in every tokenizer we train, so
@@ -83,9 +83,6 @@ class Tokenizer:
         if path.is_dir():
             path = path / "tokenizer.json"
         atomic_write_text(path, self.to_str())
-        mask = os.umask(0)
-        os.umask(mask)
-        os.chmod(path, 0o666 & ~mask)  # atomic_write_text's temp file is 0600
 
     def sha256(self) -> str:
         return hashlib.sha256(self.to_str().encode("utf-8")).hexdigest()
