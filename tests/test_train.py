@@ -182,3 +182,21 @@ def test_mismatched_objective_and_attention_is_rejected(tmp_path, corpus):
     cfg.write_text(cfg.read_text().replace('attention = "causal"', 'attention = "full"'))
     with pytest.raises(UserError, match="objective 'ar' needs attention 'causal'"):
         load_train_config(cfg)
+
+
+def test_fim_rate_reaches_the_batches(tmp_path, corpus, monkeypatch):
+    """data.fim_rate is passed through to the batch builder with the tokenizer's FIM ids."""
+    from unmask.train import trainer
+
+    seen = []
+    real = trainer.global_batch
+
+    def spy(*args):
+        seen.append(args[9:])
+        return real(*args)
+
+    monkeypatch.setattr(trainer, "global_batch", spy)
+    cfg = write_config(tmp_path / "c.toml", corpus, "ar", steps=2)
+    cfg.write_text(cfg.read_text().replace("seq_len = 32", "seq_len = 32\nfim_rate = 0.5"))
+    trainer.train(cfg, tmp_path / "run")
+    assert seen and all(s == (0.5, (3, 4, 5)) for s in seen)

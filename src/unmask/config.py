@@ -11,7 +11,7 @@ import tomllib
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from .errors import UserError
 from .fsutil import atomic_write_text  # noqa: F401  (re-exported: config writers use it)
@@ -107,7 +107,7 @@ class GenerationConfig(Strict):
 class DataConfig(Strict):
     dir: str = "corpus/default"
     seq_len: int = 256
-    fim_rate: float = 0.0  # share of training windows rearranged prefix-suffix-middle
+    fim_rate: float = Field(0.0, ge=0.0, le=1.0)  # share of training windows rearranged prefix-suffix-middle
 
 
 class OptimConfig(Strict):

@@ -103,7 +103,8 @@ def train(config: str | Path, out: str | Path, max_steps: int | None = None, res
         for g in opt.param_groups:
             g["lr"] = lr
         x0, noise = global_batch(train_tokens, cfg.data.seq_len, cfg.train.batch_size, cfg.train.seed, step,
-                                 mcfg.objective, mcfg.block_size, cfg.diffusion.eps, cfg.diffusion.antithetic)
+                                 mcfg.objective, mcfg.block_size, cfg.diffusion.eps, cfg.diffusion.antithetic,
+                                 cfg.data.fim_rate, (tok.fim_prefix_id, tok.fim_suffix_id, tok.fim_middle_id))
         loss_sum = torch.zeros((), device=d.device)
         for a in range(accum):
             lo = (d.rank * accum + a) * micro
