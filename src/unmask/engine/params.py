@@ -2,11 +2,12 @@
 so a bad request is refused before it can touch the running batch."""
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 
 from ..errors import UserError
 from ..sampling.policies import POLICIES, validate_policy
-from ..sampling.reference import resolve_settings
+from ..sampling.reference import Settings, resolve_settings
 
 # The one parameter each policy takes, when neither the request nor generation_config sets it.
 POLICY_DEFAULTS = {"topk": 0.0, "threshold": 0.9, "factor": 1.0, "entropy": 0.1, "margin": 0.9}
@@ -30,15 +31,11 @@ class SamplingParams:
 
 
 @dataclass(frozen=True)
-class Resolved:
-    max_tokens: int
-    steps: int
-    block_size: int
-    temperature: float
-    top_p: float
-    policy: str
-    policy_id: int
-    threshold: float
+class Resolved(Settings):
+    """The reference sampler's settings plus what only the engine needs."""
+
+    policy_id: int = 0
+    threshold: float = 0.0
     stop: tuple[str, ...] = field(default_factory=tuple)
 
 
