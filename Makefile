@@ -1,6 +1,8 @@
 # Every target builds .venv on first use; torch is pinned first so pip takes the local CPU wheel
 # instead of resolving a multi-GB CUDA build through a looser range.
 PY ?= python3
+# bash: the demo quotes multi-line prompts as $$'...\n...'
+SHELL := /bin/bash
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
@@ -17,14 +19,20 @@ $(STAMP): pyproject.toml
 
 venv: $(STAMP)
 
-# The dLLM, then its AR twin on the same engine for comparison (both are version-0 models: see
-# models/*/README.md for what they can and cannot do yet).
-DEMO_PROMPT := def fibonacci(n):
+# The dLLM completes a function and fills a middle; its AR twin does the same on the same engine, so
+# the [tokens, NFE, TPF, tok/s] lines compare them directly.
+DEMO_PROMPT := def is_palindrome(s: str) -> bool:\n    """Return True if s reads the same forwards and backwards."""\n
+DEMO_PREFIX := def mean(values):\n    total = 0\n    for v in values:\n
+DEMO_SUFFIX := \n    return total / len(values)\n
 demo: $(STAMP)
-	@echo "== unmask-coder (block diffusion), 64 tokens in 16 steps =="
-	$(BIN)/unmask generate --max-tokens 64 --steps 16 "$(DEMO_PROMPT)"
-	@echo "== unmask-coder-ar (AR twin), one token per step =="
-	$(BIN)/unmask generate --model models/unmask-coder-ar --max-tokens 64 "$(DEMO_PROMPT)"
+	@echo "== unmask-coder (block diffusion): complete a function =="
+	$(BIN)/unmask generate --max-tokens 64 $$'$(DEMO_PROMPT)'
+	@echo "== unmask-coder-ar (AR twin, same engine): the same prompt =="
+	$(BIN)/unmask generate --model models/unmask-coder-ar --max-tokens 64 $$'$(DEMO_PROMPT)'
+	@echo "== unmask-coder: fill in the middle =="
+	$(BIN)/unmask generate --max-tokens 16 --stop $$'\n' --suffix $$'$(DEMO_SUFFIX)' $$'$(DEMO_PREFIX)'
+	@echo "== unmask-coder-ar: fill in the middle =="
+	$(BIN)/unmask generate --model models/unmask-coder-ar --max-tokens 16 --stop $$'\n' --suffix $$'$(DEMO_SUFFIX)' $$'$(DEMO_PREFIX)'
 
 test: $(STAMP)
 	$(BIN)/python -m pytest

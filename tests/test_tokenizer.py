@@ -79,6 +79,11 @@ def test_batch_matches_single(tok):
     batch = tok.encode_batch(ODD)
     assert batch == [tok.encode(t) for t in ODD]
     assert tok.decode_batch(batch) == ODD
+    plain = tok.encode_batch(ODD, allow_special=False)
+    assert plain == [tok.encode(t, allow_special=False) for t in ODD]
+    assert all(i >= 10 for seq in plain for i in seq)  # corpus text never yields a special id
+    assert tok.decode_batch(plain) == ODD
+    assert tok.encode("<|mask|>") == [tok.mask_id]  # the flag does not stick after a batch
 
 
 def test_special_ids_fixed(tok):

@@ -44,7 +44,7 @@ ckpt_interval = {ckpt}
 log_interval = 1
 seed = 3
 threads = 1
-"""
+{extra}"""
 
 
 @pytest.fixture(scope="module")
@@ -52,10 +52,12 @@ def corpus(tmp_path_factory):
     return write_tiny_corpus(tmp_path_factory.mktemp("corpus"))
 
 
-def write_config(path: Path, corpus: Path, objective="bd3lm", steps=6, micro=4, ckpt=100, eval_interval=3):
+def write_config(path: Path, corpus: Path, objective="bd3lm", steps=6, micro=4, ckpt=100, eval_interval=3,
+                 extra=""):
+    """extra: more `key = value` lines for the [train] table."""
     attention = {"bd3lm": "block", "mdlm": "full", "ar": "causal"}[objective]
     path.write_text(CONFIG.format(attention=attention, objective=objective, corpus=corpus, steps=steps,
-                                  micro=micro, ckpt=ckpt, eval_interval=eval_interval))
+                                  micro=micro, ckpt=ckpt, eval_interval=eval_interval, extra=extra))
     return path
 
 
@@ -115,8 +117,10 @@ def test_ddp_two_gloo_ranks_match_one_process(tmp_path, corpus):
 
 @pytest.mark.slow
 def test_sigkill_then_resume_is_bit_identical(tmp_path, corpus):
+    # With an EMA and bf16 autocast, so that their state and numerics are part of what must resume exactly.
     steps = 60
-    cfg = write_config(tmp_path / "c.toml", corpus, "bd3lm", steps=steps, micro=8, ckpt=5, eval_interval=20)
+    cfg = write_config(tmp_path / "c.toml", corpus, "bd3lm", steps=steps, micro=8, ckpt=5, eval_interval=20,
+                       extra='ema = 0.9\nprecision = "bf16"\n')
     ref = run_cli("train", str(cfg), "--out", str(tmp_path / "ref"), timeout=300)
     assert ref.returncode == 0, ref.stderr
 
@@ -142,6 +146,11 @@ def test_sigkill_then_resume_is_bit_identical(tmp_path, corpus):
     for k in wa:
         assert torch.equal(wa[k], wb[k]), k
     assert losses(tmp_path / "ref") == losses(out)
+    ea = load_file(tmp_path / "ref" / "checkpoints" / f"step_{steps:08d}" / "ema.safetensors")
+    eb = load_file(out / "checkpoints" / f"step_{steps:08d}" / "ema.safetensors")
+    assert ea.keys() == eb.keys() and all(torch.equal(ea[k], eb[k]) for k in ea)
+    log = [json.loads(x) for x in (out / "log.jsonl").read_text().splitlines()]
+    assert "eval_bpb_ema" in log[-1] and log[-1]["achieved_tflops"] > 0
 
 
 def test_checkpoint_write_is_atomic(tmp_path, monkeypatch):

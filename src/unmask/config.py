@@ -136,6 +136,10 @@ class LoopConfig(Strict):
     log_interval: int = 10
     seed: int = 0
     threads: int = 0  # CPU intra-op threads; 0 -> torch's default
+    precision: Literal["auto", "bf16", "fp32"] = "auto"  # auto: bf16 autocast on CUDA, fp32 on CPU
+    compile: bool = False  # torch.compile the model (measured: ~5% on the 2-core CPU, more on GPU)
+    ema: float = Field(0.0, ge=0.0, lt=1.0)  # EMA decay; 0 disables
+    peak_tflops: float = 0.0  # for MFU on devices the trainer does not know; 0 -> known GPUs only
 
 
 class TrainConfig(Strict):

@@ -22,7 +22,9 @@ CONFIGS: tuple[tuple[str, Decoding], ...] = (
     ("dllm", Decoding("factor-1.0", "engine", "factor", 1.0)),
     ("dllm", Decoding("entropy-0.1", "engine", "entropy", 0.1)),
     ("dllm", Decoding("margin-0.9", "engine", "margin", 0.9)),
+    ("dllm", Decoding(MAIN + "-int8", "engine", "threshold", 0.9, quantize="int8")),
     ("ar", Decoding(AR, "engine", None)),
+    ("ar", Decoding(AR + "-int8", "engine", None, quantize="int8")),
 )
 CONCURRENCY = (1, 4, 16)
 # HumanEval pass@1 at batch 1 (Workload.humaneval_limit problems) and single-line infilling for these;

@@ -131,7 +131,9 @@ def _tokenize_split(tok: Tokenizer, docs: list[str], path: Path, dtype: np.dtype
     with atomic_open(path, "wb") as f, tqdm(total=len(docs), desc=desc, unit="doc",
                                              mininterval=2.0) as bar:
         for i in range(0, len(docs), _TOKENIZE_CHUNK):
-            batch = tok.encode_batch(docs[i : i + _TOKENIZE_CHUNK])
+            # Source files that contain "<|endoftext|>" etc. literally are text, not specials:
+            # only the EOS we append between documents may carry a special id.
+            batch = tok.encode_batch(docs[i : i + _TOKENIZE_CHUNK], allow_special=False)
             flat = [t for seq in batch for t in (*seq, eos)]
             buf = np.asarray(flat, dtype=dtype).tobytes()
             f.write(buf)

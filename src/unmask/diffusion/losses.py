@@ -8,6 +8,7 @@ copied through, so they carry no loss.
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -73,6 +74,20 @@ def bd3_attention_mask(length: int, block_size: int, device=None) -> torch.Tenso
     return (qn & kn & (qb == kb)) | (qn & ~kn & (kb < qb)) | (~qn & ~kn & (kb <= qb))
 
 
+@functools.lru_cache(maxsize=8)
+def bd3_block_mask(length: int, block_size: int, device: str):
+    """`bd3_attention_mask` as a FlexAttention BlockMask: tiles that are fully masked are skipped,
+    which removes about half of the attention FLOPs of the doubled sequence."""
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    def allowed(b, h, q, k):
+        qn, kn = q < length, k < length
+        qb, kb = (q % length) // block_size, (k % length) // block_size
+        return (qn & kn & (qb == kb)) | (qn & ~kn & (kb < qb)) | (~qn & ~kn & (kb <= qb))
+
+    return create_block_mask(allowed, None, None, 2 * length, 2 * length, device=device)
+
+
 def bd3lm_loss(model, x0, noise: Noise, schedule: Schedule, mask_id: int, block_size: int,
                prompt_mask=None) -> LossOutput:
     """Block-diffusion NELBO: one t per block, one forward over `x_t ⊕ x_0` with the three-part mask."""
@@ -80,7 +95,13 @@ def bd3lm_loss(model, x0, noise: Noise, schedule: Schedule, mask_id: int, block_
     masked, w = _diffusion_masks(x0, noise, schedule, block_size, prompt_mask)
     xt = apply_mask(x0, masked, mask_id)
     pos = torch.arange(L, device=x0.device).repeat(2)
-    mask = bd3_attention_mask(L, block_size, x0.device)
+    if x0.device.type == "cuda":
+        mask = bd3_block_mask(L, block_size, str(x0.device))
+    else:
+        # An additive float mask takes SDPA's fused CPU kernel; a bool one falls back to the math
+        # path (measured 1.6x slower per training step at L=1024). FlexAttention has no CPU backward.
+        allowed = bd3_attention_mask(L, block_size, x0.device)
+        mask = torch.zeros(allowed.shape, device=x0.device).masked_fill_(~allowed, float("-inf"))
     logits = model(torch.cat([xt, x0], dim=1), positions=pos, attn_mask=mask, logits_from=0, logits_to=L)
     per = torch.where(masked, _masked_ce(logits, x0, mask_id) * w, 0.0)  # not `* masked`: inf * 0 = nan
     return _reduce(per, None if prompt_mask is None else ~prompt_mask)

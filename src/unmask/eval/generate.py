@@ -28,18 +28,19 @@ class Decoding:
     policy: str | None = None  # None: the model's generation_config
     threshold: float | None = None  # tau / factor / gamma, per policy
     steps_ratio: float | None = None  # topk: steps = max_tokens * steps_ratio (1.0 = one token per forward)
+    quantize: str | None = None  # engine weight quantization: None, "int8" or "bf16"
 
     def steps(self, max_tokens: int) -> int | None:
         return None if self.steps_ratio is None else max(1, round(max_tokens * self.steps_ratio))
 
     def describe(self) -> str:
-        if self.policy is None:
-            return f"{self.sampler}, default policy"
-        s = f"{self.sampler}, {self.policy}"
+        s = f"{self.sampler}, {self.policy or 'default policy'}"
         if self.steps_ratio is not None:
             s += f", steps=length*{self.steps_ratio:g}"
         if self.threshold is not None:
             s += f", {self.threshold:g}"
+        if self.quantize is not None:
+            s += f", {self.quantize} weights"
         return s
 
 
@@ -99,7 +100,7 @@ def _sampling_params(decoding: Decoding, task: Task, max_tokens: int, stop):
 
 
 def _run_engine(model, tasks, decoding, max_tokens, concurrency, stop, max_batch, progress) -> Batch:
-    engine = Engine(model, max_batch=max(max_batch, concurrency))
+    engine = Engine(model, max_batch=max(max_batch, concurrency), quantize=decoding.quantize)
     params = [_sampling_params(decoding, t, max_tokens, stop) for t in tasks]
     pending = deque(range(len(tasks)))
     inflight: dict[str, int] = {}

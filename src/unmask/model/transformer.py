@@ -16,6 +16,22 @@ import torch.nn.functional as F
 from ..config import ModelConfig
 from .masks import block_causal_mask
 
+try:  # FlexAttention (torch >= 2.5): block-sparse masks, used for BD3-LM training on CUDA
+    from torch.nn.attention.flex_attention import BlockMask, flex_attention
+except ImportError:  # pragma: no cover
+    BlockMask, flex_attention = None, None
+_compiled_flex = None
+
+
+def _flex(q, k, v, block_mask, enable_gqa: bool):
+    # Eager flex_attention materialises the full score matrix; compiled, it skips masked tiles.
+    global _compiled_flex
+    if q.device.type != "cuda":
+        return flex_attention(q, k, v, block_mask=block_mask, enable_gqa=enable_gqa)
+    if _compiled_flex is None:
+        _compiled_flex = torch.compile(flex_attention, dynamic=False)
+    return _compiled_flex(q, k, v, block_mask=block_mask, enable_gqa=enable_gqa)
+
 
 class KVCache(Protocol):
     """What the engine hands to `Transformer.forward`. The model only asks it for the keys and values
@@ -53,9 +69,12 @@ class Attention(nn.Module):
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if kv_cache is not None:
             k, v = kv_cache.update(layer, k, v)
-        y = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=mask, is_causal=is_causal, enable_gqa=self.n_kv != self.n_heads
-        )
+        if BlockMask is not None and isinstance(mask, BlockMask):
+            y = _flex(q, k, v, mask, self.n_kv != self.n_heads)
+        else:
+            y = F.scaled_dot_product_attention(
+                q, k, v, attn_mask=mask, is_causal=is_causal, enable_gqa=self.n_kv != self.n_heads
+            )
         return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
 
 
@@ -129,7 +148,8 @@ class Transformer(nn.Module):
         """idx: (B, T) token ids -> logits (B, T, vocab), float32.
 
         positions: (B, T) or (T,) absolute positions for RoPE (default 0..T-1).
-        attn_mask: boolean, broadcastable to (B, heads, T, S), True = may attend. When omitted the
+        attn_mask: boolean (True = may attend) or additive float, broadcastable to (B, heads, T, S),
+        or a FlexAttention BlockMask. When omitted the
         config's attention mode is used; an explicit mask is required with a `kv_cache`.
         logits_from/logits_to: only project this slice of positions to the vocabulary (the LM head
         dominates the cost of a small model, and losses often need only part of the sequence).
@@ -147,7 +167,7 @@ class Transformer(nn.Module):
             if kv_cache is not None:
                 raise ValueError("an explicit attn_mask is required when a kv_cache is used")
             attn_mask, is_causal = self.default_mask(positions)
-        elif attn_mask.dim() == 3:
+        elif isinstance(attn_mask, torch.Tensor) and attn_mask.dim() == 3:
             attn_mask = attn_mask.unsqueeze(1)
         cos = self.rope_cos[positions].unsqueeze(1)
         sin = self.rope_sin[positions].unsqueeze(1)

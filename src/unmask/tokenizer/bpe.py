@@ -109,10 +109,14 @@ class Tokenizer:
         finally:
             self._tok.encode_special_tokens = False
 
-    def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
+    def encode_batch(self, texts: Sequence[str], allow_special: bool = True) -> list[list[int]]:
         # encode_batch_fast (tokenizers >= 0.20) skips offset tracking: about twice as fast.
         fn = getattr(self._tok, "encode_batch_fast", self._tok.encode_batch)
-        return [e.ids for e in fn(list(texts), add_special_tokens=False)]
+        self._tok.encode_special_tokens = not allow_special
+        try:
+            return [e.ids for e in fn(list(texts), add_special_tokens=False)]
+        finally:
+            self._tok.encode_special_tokens = False
 
     def decode(self, ids: Iterable[int], skip_special: bool = False) -> str:
         return self._tok.decode([int(i) for i in ids], skip_special_tokens=skip_special)

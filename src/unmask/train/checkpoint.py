@@ -32,7 +32,7 @@ def _optimizer_tensors(opt: torch.optim.Optimizer) -> tuple[dict[str, torch.Tens
 
 
 def save_checkpoint(root: Path, step: int, model: torch.nn.Module, opt: torch.optim.Optimizer,
-                    extra: dict, keep: int = 2) -> Path:
+                    extra: dict, keep: int = 2, ema_state: dict[str, torch.Tensor] | None = None) -> Path:
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"step_{step:08d}"
     tmp = Path(tempfile.mkdtemp(dir=root, prefix=f".step_{step:08d}."))
@@ -44,6 +44,8 @@ def save_checkpoint(root: Path, step: int, model: torch.nn.Module, opt: torch.op
         opt_tensors, opt_meta = _optimizer_tensors(opt)
         opt_tensors["rng.torch"] = torch.get_rng_state()
         save_file(opt_tensors, tmp / "optimizer.safetensors")
+        if ema_state is not None:
+            save_file(ema_state, tmp / "ema.safetensors")
         (tmp / "trainer.json").write_text(json.dumps({"step": step, "optimizer": opt_meta, **extra}, indent=2))
         if final.exists():
             shutil.rmtree(final)
@@ -68,7 +70,7 @@ def latest_checkpoint(root: Path) -> Path | None:
     return path
 
 
-def load_checkpoint(path: Path, model: torch.nn.Module, opt: torch.optim.Optimizer) -> dict:
+def load_checkpoint(path: Path, model: torch.nn.Module, opt: torch.optim.Optimizer, ema=None) -> dict:
     meta = json.loads((path / "trainer.json").read_text())
     state = load_file(path / "model.safetensors")
     missing, unexpected = model.load_state_dict(state, strict=False)
@@ -86,4 +88,9 @@ def load_checkpoint(path: Path, model: torch.nn.Module, opt: torch.optim.Optimiz
         pid, name = key.split(".", 1)
         opt_state.setdefault(int(pid), {})[name] = v
     opt.load_state_dict({"state": opt_state, "param_groups": om["param_groups"]})
+    if ema is not None:
+        if not (path / "ema.safetensors").exists():
+            raise UserError(f"{path}: has no EMA state but the config sets train.ema; resume with the "
+                            "config it was trained with")
+        ema.load_state_dict(load_file(path / "ema.safetensors"))
     return meta

@@ -20,6 +20,8 @@ from ..model import Transformer
 from . import distributed
 from .batches import global_batch
 from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from .ema import EMA
+from .flops import flops_per_token, peak_flops
 
 
 def lr_at(step: int, cfg: TrainConfig) -> float:
@@ -82,10 +84,13 @@ def train(config: str | Path, out: str | Path, max_steps: int | None = None, res
     torch.manual_seed(cfg.train.seed)
     net = Transformer(mcfg).to(d.device)
     opt = make_optimizer(net, cfg)
+    ema = EMA(net, cfg.train.ema) if cfg.train.ema > 0 else None
     start = 0
     if resume and (ck := latest_checkpoint(ckpt_root)) is not None:
-        start = load_checkpoint(ck, net, opt)["step"]
+        start = load_checkpoint(ck, net, opt, ema)["step"]
     model = DDP(net) if d.world > 1 else net
+    if cfg.train.compile:
+        model = torch.compile(model)
     schedule = get_schedule(cfg.diffusion.schedule)
     bpt = meta["splits"]["val"]["bytes"] / meta["splits"]["val"]["tokens"]
     log_path = out / "log.jsonl"
@@ -93,11 +98,17 @@ def train(config: str | Path, out: str | Path, max_steps: int | None = None, res
         out.mkdir(parents=True, exist_ok=True)
         atomic_write_text(out / "config.json", json.dumps(cfg.model_dump(), indent=2))
         _truncate_log(log_path, start)
-    autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if d.device.type == "cuda"
-                else contextlib.nullcontext())
+    bf16 = cfg.train.precision == "bf16" or (cfg.train.precision == "auto" and d.device.type == "cuda")
+    autocast = torch.autocast(d.device.type, dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
     tokens_per_step = cfg.train.batch_size * cfg.data.seq_len
+    fpt = flops_per_token(mcfg, net.num_params(non_embedding=False), cfg.data.seq_len)
+    peak = peak_flops(d.device, cfg.train.peak_tflops)
+    evaluate = lambda: bits_per_byte(net, val_tokens, bpt, seq_len=cfg.data.seq_len, batch=micro,  # noqa: E731
+                                     n_batches=cfg.train.eval_batches, seed=cfg.train.seed,
+                                     schedule=cfg.diffusion.schedule, eps=cfg.diffusion.eps, device=d.device)
     bar = tqdm(total=cfg.train.max_steps, initial=start, disable=not d.main, desc="train", dynamic_ncols=True)
     t_last, tokens_since = time.perf_counter(), 0
+    record = None
     for step in range(start, cfg.train.max_steps):
         lr = lr_at(step, cfg)
         for g in opt.param_groups:
@@ -119,6 +130,8 @@ def train(config: str | Path, out: str | Path, max_steps: int | None = None, res
         grad_norm = torch.nn.utils.clip_grad_norm_(net.parameters(), cfg.optim.grad_clip)
         opt.step()
         opt.zero_grad(set_to_none=True)
+        if ema is not None:
+            ema.update(net, step)
         loss = float(d.mean(loss_sum))
         if not math.isfinite(loss):
             raise RuntimeError(f"loss became {loss} at step {step}; lower optim.lr or check the data")
@@ -128,28 +141,43 @@ def train(config: str | Path, out: str | Path, max_steps: int | None = None, res
         record = None
         if done % cfg.train.log_interval == 0 or done == cfg.train.max_steps:
             now = time.perf_counter()
+            tps = tokens_since / (now - t_last)
             record = {"step": done, "loss": loss, "lr": lr, "grad_norm": float(grad_norm),
-                      "tokens": done * tokens_per_step, "tok_per_s": tokens_since / (now - t_last)}
+                      "tokens": done * tokens_per_step, "tok_per_s": tps, "flops_per_token": fpt,
+                      "achieved_tflops": tps * fpt / 1e12}
+            if peak:
+                record["mfu"] = tps * fpt / peak
             t_last, tokens_since = now, 0
             bar.set_postfix(loss=f"{loss:.3f}")
         if done % cfg.train.eval_interval == 0 or done == cfg.train.max_steps:
             if d.main:
-                ev = bits_per_byte(net, val_tokens, bpt, seq_len=cfg.data.seq_len, batch=micro,
-                                   n_batches=cfg.train.eval_batches, seed=cfg.train.seed,
-                                   schedule=cfg.diffusion.schedule, eps=cfg.diffusion.eps, device=d.device)
+                ev = evaluate()
                 record = {**(record or {"step": done}), "eval_bpb": ev["bpb"], "eval_nats_per_token": ev["nats_per_token"]}
-                bar.write(f"step {done}: held-out {ev['bpb']:.4f} bits/byte")
+                msg = f"step {done}: held-out {ev['bpb']:.4f} bits/byte"
+                if ema is not None:
+                    with ema.swapped_in(net):
+                        record["eval_bpb_ema"] = evaluate()["bpb"]
+                    msg += f" (EMA {record['eval_bpb_ema']:.4f})"
+                bar.write(msg)
+                t_last = time.perf_counter()  # evaluation time is not training throughput
             d.barrier()
         if record and d.main:
             with log_path.open("a") as f:
                 f.write(json.dumps(record) + "\n")
         if done % cfg.train.ckpt_interval == 0 or done == cfg.train.max_steps:
             if d.main:
-                save_checkpoint(ckpt_root, done, net, opt, {"tokens": done * tokens_per_step, "world": d.world})
+                save_checkpoint(ckpt_root, done, net, opt, {"tokens": done * tokens_per_step, "world": d.world},
+                                ema_state=None if ema is None else ema.state_dict())
             d.barrier()
     bar.close()
     if d.main:
-        _export(net, tok, cfg, out / "final")
+        if ema is not None and record and record.get("eval_bpb_ema", float("inf")) < record.get("eval_bpb", 0):
+            # Ship the average only when it measures better on held-out code.
+            with ema.swapped_in(net):
+                _export(net, tok, cfg, out / "final")
+            bar.write("exported the EMA weights (lower held-out bits/byte)")
+        else:
+            _export(net, tok, cfg, out / "final")
     distributed.shutdown()
     return out / "final"
 
