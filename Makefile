@@ -22,7 +22,7 @@ venv: $(STAMP)
 # The dLLM completes a function and fills a middle; its AR twin does the same on the same engine, so
 # the [tokens, NFE, TPF, tok/s] lines compare them directly.
 DEMO_PROMPT := def is_palindrome(s: str) -> bool:\n    """Return True if s reads the same forwards and backwards."""\n
-DEMO_PREFIX := def mean(values):\n    total = 0\n    for v in values:\n
+DEMO_PREFIX := def mean(values):\n    total = 0\n    for v in values:\n        total +=
 DEMO_SUFFIX := \n    return total / len(values)\n
 demo: $(STAMP)
 	@echo "== unmask-coder (block diffusion): complete a function =="
@@ -41,7 +41,8 @@ serve: $(STAMP)
 	$(BIN)/unmask serve
 
 bench: $(STAMP)
-	$(BIN)/unmask bench --json bench/results/bench.json
+	mkdir -p bench/results
+	set -o pipefail; $(BIN)/unmask bench --json bench/results/bench.json | tee bench/results/bench.txt
 
 clean:
 	rm -rf $(VENV) build *.egg-info src/*.egg-info
