@@ -9,6 +9,27 @@ from unmask.config import OBJECTIVE_ATTENTION, ModelConfig
 _ATTENTION_OBJECTIVE = {v: k for k, v in OBJECTIVE_ATTENTION.items()}
 
 
+def random_pretrained(tok, attention: str, *, seed: int = 0, block_size: int = 4, max_seq_len: int = 64,
+                      peak: float = 1.0):
+    """A random tiny model with large weights (decisive logits, no near-ties); `peak` > 1 sharpens
+    every distribution (scales the final norm, hence the logits)."""
+    from unmask.config import GenerationConfig
+    from unmask.model import Transformer
+    from unmask.pretrained import Pretrained
+
+    cfg = tiny_config(attention=attention, block_size=block_size, max_seq_len=max_seq_len,
+                      vocab_size=tok.vocab_size, mask_token_id=tok.mask_id, eos_token_id=tok.eos_id,
+                      pad_token_id=tok.pad_id)
+    torch.manual_seed(seed)
+    net = Transformer(cfg).eval()
+    with torch.no_grad():
+        for p in net.parameters():
+            if p.dim() == 2:
+                p.normal_(0.0, 0.3)
+        net.norm.weight.mul_(peak)
+    return Pretrained(net, tok, cfg, GenerationConfig(block_size=block_size, max_tokens=16))
+
+
 def tiny_config(**overrides) -> ModelConfig:
     """A small ModelConfig; `attention=` alone picks the matching objective (and vice versa)."""
     kw = dict(d_model=32, n_layers=2, n_heads=4, max_seq_len=64, block_size=4,

@@ -8,15 +8,13 @@ import random
 import pytest
 import torch
 
-from unmask.config import GenerationConfig, ModelConfig
+from conftest import random_pretrained
 from unmask.engine import Engine, SamplingParams
 from unmask.errors import UserError
-from unmask.model import Transformer
 from unmask.pretrained import Pretrained
 from unmask.sampling import reference_generate
 from unmask.tokenizer import Tokenizer, train_tokenizer
 
-OBJECTIVE = {"full": "mdlm", "block": "bd3lm", "causal": "ar"}
 CACHES = {"block": ["exact", "none"], "causal": ["exact", "none"], "full": ["dual", "prefix", "none"]}
 BLOCK = 4
 CTX = 64
@@ -36,21 +34,7 @@ def tok() -> Tokenizer:
 
 
 def make_model(tok: Tokenizer, attention: str, seed: int = 0, peak: float = 1.0) -> Pretrained:
-    """A random tiny model with large weights (decisive logits, no near-ties); `peak` > 1 sharpens
-    every distribution (scales the final norm, hence the logits)."""
-    cfg = ModelConfig(
-        d_model=32, n_layers=2, n_heads=4, max_seq_len=CTX, attention=attention,
-        objective=OBJECTIVE[attention], block_size=BLOCK, vocab_size=tok.vocab_size,
-        mask_token_id=tok.mask_id, eos_token_id=tok.eos_id, pad_token_id=tok.pad_id,
-    )
-    torch.manual_seed(seed)
-    net = Transformer(cfg).eval()
-    with torch.no_grad():
-        for p in net.parameters():
-            if p.dim() == 2:
-                p.normal_(0.0, 0.3)
-        net.norm.weight.mul_(peak)
-    return Pretrained(net, tok, cfg, GenerationConfig(block_size=BLOCK, max_tokens=16))
+    return random_pretrained(tok, attention, seed=seed, block_size=BLOCK, max_seq_len=CTX, peak=peak)
 
 
 @pytest.fixture(scope="module")

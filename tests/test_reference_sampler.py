@@ -6,9 +6,8 @@ import json
 import pytest
 import torch
 
-from unmask.config import GenerationConfig, ModelConfig
+from conftest import random_pretrained
 from unmask.errors import UserError
-from unmask.model import Transformer
 from unmask.pretrained import Pretrained
 from unmask.sampling import (
     GenerationOutput,
@@ -23,7 +22,6 @@ from unmask.sampling import (
 )
 from unmask.tokenizer import Tokenizer, train_tokenizer
 
-OBJECTIVE = {"full": "mdlm", "block": "bd3lm", "causal": "ar"}
 BLOCK = 8
 CTX = 64
 
@@ -35,18 +33,7 @@ def tok() -> Tokenizer:
 
 
 def make_model(tok: Tokenizer, attention: str, seed: int = 0, block_size: int = BLOCK) -> Pretrained:
-    cfg = ModelConfig(
-        d_model=32, n_layers=2, n_heads=4, max_seq_len=CTX, attention=attention,
-        objective=OBJECTIVE[attention], block_size=block_size, vocab_size=tok.vocab_size,
-        mask_token_id=tok.mask_id, eos_token_id=tok.eos_id, pad_token_id=tok.pad_id,
-    )
-    torch.manual_seed(seed)
-    net = Transformer(cfg).eval()
-    with torch.no_grad():  # larger weights than the init: decisive logits, no near-ties
-        for name, p in net.named_parameters():
-            if p.dim() == 2:
-                p.normal_(0.0, 0.3)
-    return Pretrained(net, tok, cfg, GenerationConfig(block_size=block_size, max_tokens=16))
+    return random_pretrained(tok, attention, seed=seed, block_size=block_size, max_seq_len=CTX)
 
 
 def instrument(model: Pretrained, bias=None) -> list[torch.Tensor]:
