@@ -64,7 +64,7 @@ class Engine:
             self.model = model
         self.net = model.net
         if compile:
-            # Measured on the 2-core CPU (AR twin, batch 1): 10x slower than eager, because ragged
+            # Measured on the 2-core CPU (AR twin, batch 1): 9x slower than eager, because ragged
             # batch and cache shapes keep recompiling. It needs static shape buckets to pay off.
             self.net = torch.compile(self.net, dynamic=True)
         self.mask_id, self.eos_id = cfg.mask_token_id, cfg.eos_token_id
