@@ -124,6 +124,10 @@ class DiffusionConfig(Strict):
     schedule: Literal["linear", "cosine"] = "linear"
     eps: float = 1e-3
     antithetic: bool = True
+    # How the training loss samples the NELBO: "time" masks each token with probability t (weight
+    # 1/t); "count" masks exactly k of n tokens per block, k uniform (weight n/k, capped at n).
+    # Same expectation, lower variance for "count". Evaluation always uses "time".
+    estimator: Literal["time", "count"] = "time"
 
 
 class LoopConfig(Strict):

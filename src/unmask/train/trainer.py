@@ -124,7 +124,8 @@ def train(config: str | Path, out: str | Path, max_steps: int | None = None, res
             with (contextlib.nullcontext() if sync else model.no_sync()), autocast:
                 res = compute_loss(mcfg.objective, model, x0[sl].to(d.device),
                                    None if noise is None else noise[sl].to(d.device),
-                                   schedule, mcfg.mask_token_id, mcfg.block_size)
+                                   schedule, mcfg.mask_token_id, mcfg.block_size,
+                                   estimator=cfg.diffusion.estimator, eps=cfg.diffusion.eps)
             (res.loss / accum).backward()
             loss_sum += res.loss.detach() / accum
         grad_norm = torch.nn.utils.clip_grad_norm_(net.parameters(), cfg.optim.grad_clip)
