@@ -10,7 +10,7 @@ _ATTENTION_OBJECTIVE = {v: k for k, v in OBJECTIVE_ATTENTION.items()}
 
 
 def random_pretrained(tok, attention: str, *, seed: int = 0, block_size: int = 4, max_seq_len: int = 64,
-                      peak: float = 1.0):
+                      peak: float = 1.0, **overrides):
     """A random tiny model with large weights (decisive logits, no near-ties); `peak` > 1 sharpens
     every distribution (scales the final norm, hence the logits)."""
     from unmask.config import GenerationConfig
@@ -19,7 +19,7 @@ def random_pretrained(tok, attention: str, *, seed: int = 0, block_size: int = 4
 
     cfg = tiny_config(attention=attention, block_size=block_size, max_seq_len=max_seq_len,
                       vocab_size=tok.vocab_size, mask_token_id=tok.mask_id, eos_token_id=tok.eos_id,
-                      pad_token_id=tok.pad_id)
+                      pad_token_id=tok.pad_id, **overrides)
     torch.manual_seed(seed)
     net = Transformer(cfg).eval()
     with torch.no_grad():

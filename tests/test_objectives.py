@@ -147,8 +147,9 @@ def test_ar_oracle():
 
 # ---- block size 1 at t = 1 is AR --------------------------------------------------------------
 
-def test_block_size_one_at_t1_is_ar_nll():
-    cfg = tiny_config(attention="block", block_size=1)
+@pytest.mark.parametrize("token_shift", [False, True])
+def test_block_size_one_at_t1_is_ar_nll(token_shift):
+    cfg = tiny_config(attention="block", block_size=1, token_shift=token_shift)
     mask_id = cfg.mask_token_id
     torch.manual_seed(0)
     net = Transformer(cfg).eval()
@@ -169,9 +170,12 @@ def test_block_size_one_at_t1_is_ar_nll():
 
 # ---- x_t ⊕ x_0 equals block-by-block forwards -------------------------------------------------
 
+@pytest.mark.parametrize("token_shift", [False, True])
 @pytest.mark.parametrize("block_size", [2, 4, 8])
-def test_bd3lm_concat_equals_blockwise(block_size):
-    cfg = tiny_config(attention="block", block_size=block_size)
+def test_bd3lm_concat_equals_blockwise(block_size, token_shift):
+    """Training's one forward over x_t ⊕ x_0 sees what inference sees block by block (for token_shift
+    models: the previous token is clean before the block and as noised inside it)."""
+    cfg = tiny_config(attention="block", block_size=block_size, token_shift=token_shift)
     mask_id = cfg.mask_token_id
     torch.manual_seed(block_size)
     net = Transformer(cfg).eval()

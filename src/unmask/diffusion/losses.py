@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from ..model.transformer import shift_right
 from .masking import Noise, apply_mask, token_times
 from .schedules import Schedule
 
@@ -129,6 +130,13 @@ def bd3_additive_mask(length: int, block_size: int, device: str) -> torch.Tensor
     return torch.zeros(allowed.shape, device=device).masked_fill_(~allowed, float("-inf"))
 
 
+def _unwrap(model):
+    """The Transformer under DDP / torch.compile wrappers."""
+    while hasattr(model, "module") or hasattr(model, "_orig_mod"):
+        model = getattr(model, "module", None) or model._orig_mod
+    return model
+
+
 def bd3lm_loss(model, x0, noise: Noise, schedule: Schedule, mask_id: int, block_size: int,
                prompt_mask=None, estimator: str = "time", eps: float = 1e-3) -> LossOutput:
     """Block-diffusion NELBO: one t per block, one forward over `x_t ⊕ x_0` with the three-part mask."""
@@ -140,7 +148,14 @@ def bd3lm_loss(model, x0, noise: Noise, schedule: Schedule, mask_id: int, block_
         mask = bd3_block_mask(L, block_size, str(x0.device))
     else:  # FlexAttention has no CPU backward
         mask = bd3_additive_mask(L, block_size, str(x0.device))
-    logits = model(torch.cat([xt, x0], dim=1), positions=pos, attn_mask=mask, logits_from=0, logits_to=L)
+    extra = {}
+    if getattr(_unwrap(model), "prev_embed", None) is not None:
+        # what inference sees before each position: earlier blocks clean, this block as noised
+        pad = _unwrap(model).config.pad_token_id
+        prev_x0 = shift_right(x0, pad)
+        at_start = (torch.arange(L, device=x0.device) % block_size == 0)[None, :]
+        extra["prev_idx"] = torch.cat([torch.where(at_start, prev_x0, shift_right(xt, pad)), prev_x0], dim=1)
+    logits = model(torch.cat([xt, x0], dim=1), positions=pos, attn_mask=mask, logits_from=0, logits_to=L, **extra)
     per = torch.where(masked, _masked_ce(logits, x0, mask_id) * w, 0.0)  # not `* masked`: inf * 0 = nan
     return _reduce(per, None if prompt_mask is None else ~prompt_mask)
 

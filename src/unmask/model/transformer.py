@@ -52,6 +52,11 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1).type_as(x)
 
 
+def shift_right(idx: torch.Tensor, first: int) -> torch.Tensor:
+    """(B, T) -> the token before each position, `first` at position 0."""
+    return torch.cat([torch.full_like(idx[:, :1], first), idx[:, :-1]], dim=1)
+
+
 class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -108,6 +113,7 @@ class Transformer(nn.Module):
         super().__init__()
         self.config = cfg
         self.embed = nn.Embedding(cfg.vocab_size, cfg.d_model)
+        self.prev_embed = nn.Embedding(cfg.vocab_size, cfg.d_model) if cfg.token_shift else None
         self.layers = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layers))
         self.norm = nn.RMSNorm(cfg.d_model, eps=cfg.norm_eps)
         self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
@@ -144,6 +150,7 @@ class Transformer(nn.Module):
         logits_from: int = 0,
         logits_to: int | None = None,
         logits_at: torch.Tensor | None = None,
+        prev_idx: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """idx: (B, T) token ids -> logits (B, T, vocab), float32.
 
@@ -154,6 +161,9 @@ class Transformer(nn.Module):
         logits_from/logits_to: only project this slice of positions to the vocabulary (the LM head
         dominates the cost of a small model, and losses often need only part of the sequence).
         logits_at: (B, A) indices into T; project only those positions (ragged engine batches).
+        prev_idx: (B, T) the token before each position, for `token_shift` models. Default: idx
+        shifted right with [PAD] first, which is right only for a sequence that starts at position 0
+        (so it is required with a `kv_cache`).
         """
         B, T = idx.shape
         if positions is None:
@@ -172,6 +182,12 @@ class Transformer(nn.Module):
         cos = self.rope_cos[positions].unsqueeze(1)
         sin = self.rope_sin[positions].unsqueeze(1)
         x = self.embed(idx)
+        if self.prev_embed is not None:
+            if prev_idx is None:
+                if kv_cache is not None:
+                    raise ValueError("prev_idx is required for a token_shift model when a kv_cache is used")
+                prev_idx = shift_right(idx, self.config.pad_token_id)
+            x = x + self.prev_embed(prev_idx)
         for layer in self.layers:
             x = layer(x, cos, sin, attn_mask, is_causal, kv_cache)
         if logits_at is not None:
@@ -182,4 +198,5 @@ class Transformer(nn.Module):
 
     def num_params(self, non_embedding: bool = True) -> int:
         n = sum(p.numel() for p in self.parameters())
-        return n - self.embed.weight.numel() if non_embedding else n
+        emb = self.embed.weight.numel() + (self.prev_embed.weight.numel() if self.prev_embed is not None else 0)
+        return n - emb if non_embedding else n

@@ -1,0 +1,76 @@
+"""Models with `token_shift` (an embedding of the previous token added to each input): the engine's
+cached, ragged forwards must hand the model the same previous tokens a plain forward of the whole
+canvas would, so every exactness guarantee of the engine still holds."""
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+
+from conftest import random_pretrained, tiny_config
+from test_engine import BLOCK, CACHES, CTX, prompt_ids, random_params, run_loop
+from unmask.engine import Engine, SamplingParams
+from unmask.model import Transformer
+from unmask.sampling import reference_generate
+from unmask.tokenizer import Tokenizer, train_tokenizer
+
+pytestmark = [pytest.mark.timeout(120), pytest.mark.usefixtures("single_thread")]
+
+
+@pytest.fixture(scope="module")
+def tok() -> Tokenizer:
+    text = "def add(a, b):\n    return a + b\n\nclass Stack:\n    def push(self, x):\n        self.items.append(x)\n"
+    return train_tokenizer([text] * 10, vocab_size=300)
+
+
+@pytest.fixture(scope="module")
+def models(tok):
+    return {a: random_pretrained(tok, a, seed=3, block_size=BLOCK, max_seq_len=CTX, token_shift=True)
+            for a in ("block", "full", "causal")}
+
+
+def test_previous_token_changes_the_output():
+    cfg = tiny_config(attention="causal", token_shift=True)
+    torch.manual_seed(0)
+    net = Transformer(cfg).eval()
+    x = torch.randint(3, cfg.vocab_size, (2, 10))
+    with torch.no_grad():
+        plain = net(x)
+        other = net(x, prev_idx=torch.full_like(x, 5))
+    assert not torch.allclose(plain, other)
+    assert net.num_params() == Transformer(tiny_config(attention="causal")).num_params()
+
+
+def test_cache_requires_previous_tokens():
+    cfg = tiny_config(attention="causal", token_shift=True)
+    net = Transformer(cfg)
+    with pytest.raises(ValueError, match="prev_idx is required"):
+        net(torch.ones(1, 3, dtype=torch.long), attn_mask=torch.ones(1, 3, 3, dtype=torch.bool), kv_cache=object())
+
+
+@pytest.mark.parametrize("attention", ["block", "full", "causal"])
+def test_engine_equals_reference_with_and_without_cache(models, attention):
+    model = models[attention]
+    engines = {c: Engine(model, cache=c) for c in CACHES[attention]}
+    for n in (1, 3, 4, 6, 9):
+        prompt = prompt_ids(n, 7 * n)
+        sp = SamplingParams(max_tokens=9) if attention == "causal" else SamplingParams(max_tokens=9, steps=9)
+        outs = {c: e.generate([prompt], sp)[0].token_ids for c, e in engines.items()}
+        ref = reference_generate(model, prompt, **({} if attention == "causal" else dict(steps=9)), max_tokens=9)
+        assert outs["none"] == ref.token_ids, n
+        if attention != "full":  # the full-attention caches are approximate by design
+            assert len(set(map(tuple, outs.values()))) == 1, (n, outs)
+
+
+@pytest.mark.parametrize("attention,cache", [("block", "exact"), ("causal", "exact"), ("full", "dual")])
+def test_batch_invariance(models, attention, cache):
+    model = models[attention]
+    for mix in range(8):
+        rng = random.Random(77 + mix)
+        items = [(rng.randint(0, 6), prompt_ids(rng.randint(1, 20), rng.randrange(10**6)),
+                  random_params(rng, attention)) for _ in range(rng.randint(2, 5))]
+        engine = Engine(model, cache=cache, max_batch=4)
+        alone = [engine.generate([p], sp)[0] for _, p, sp in items]
+        for a, b in zip(alone, run_loop(engine, items)):
+            assert (a.token_ids, a.nfe) == (b.token_ids, b.nfe), mix
