@@ -37,7 +37,7 @@ def test_previous_token_changes_the_output():
     x = torch.randint(3, cfg.vocab_size, (2, 10))
     with torch.no_grad():
         plain = net(x)
-        other = net(x, prev_idx=torch.full_like(x, 5))
+        other = net(x, prev_idx=torch.full_like(x, 5), prev_gap=torch.ones_like(x))
     assert not torch.allclose(plain, other)
     assert net.num_params() == Transformer(tiny_config(attention="causal")).num_params()
 
@@ -45,7 +45,7 @@ def test_previous_token_changes_the_output():
 def test_cache_requires_previous_tokens():
     cfg = tiny_config(attention="causal", token_shift=True)
     net = Transformer(cfg)
-    with pytest.raises(ValueError, match="prev_idx is required"):
+    with pytest.raises(ValueError, match="prev_idx and prev_gap are required"):
         net(torch.ones(1, 3, dtype=torch.long), attn_mask=torch.ones(1, 3, 3, dtype=torch.bool), kv_cache=object())
 
 
@@ -74,3 +74,17 @@ def test_batch_invariance(models, attention, cache):
         alone = [engine.generate([p], sp)[0] for _, p, sp in items]
         for a, b in zip(alone, run_loop(engine, items)):
             assert (a.token_ids, a.nfe) == (b.token_ids, b.nfe), mix
+
+
+def test_left_context_skips_masks_and_counts_the_distance():
+    from unmask.model.shift import MAX_GAP, block_left_context, left_context
+    M, P = 1, 2
+    prev, gap = left_context(torch.tensor([[5, M, M, 7, M]]), M, P)
+    assert prev.tolist() == [[P, 5, 5, 5, 7]] and gap.tolist() == [[1, 1, 2, 3, 1]]
+    prev, gap = left_context(torch.full((1, 100), M), M, P)
+    assert (prev == P).all() and gap[0, -1] == MAX_GAP
+    # block-wise: a block sees its own noised tokens, and the clean stream before it
+    x0 = torch.tensor([[10, 11, 12, 13, 14, 15]])
+    xt = torch.tensor([[M, 11, M, M, 14, M]])
+    prev, gap = block_left_context(xt, x0, M, 3, P)
+    assert prev.tolist() == [[P, P, 11, 12, 12, 14]] and gap.tolist() == [[1, 2, 1, 1, 2, 1]]

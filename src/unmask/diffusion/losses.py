@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from ..model.transformer import shift_right
+from ..model.shift import block_left_context, left_context
 from .masking import Noise, apply_mask, token_times
 from .schedules import Schedule
 
@@ -150,11 +150,11 @@ def bd3lm_loss(model, x0, noise: Noise, schedule: Schedule, mask_id: int, block_
         mask = bd3_additive_mask(L, block_size, str(x0.device))
     extra = {}
     if getattr(_unwrap(model), "prev_embed", None) is not None:
-        # what inference sees before each position: earlier blocks clean, this block as noised
+        # what inference sees left of each position: earlier blocks clean, this block as noised
         pad = _unwrap(model).config.pad_token_id
-        prev_x0 = shift_right(x0, pad)
-        at_start = (torch.arange(L, device=x0.device) % block_size == 0)[None, :]
-        extra["prev_idx"] = torch.cat([torch.where(at_start, prev_x0, shift_right(xt, pad)), prev_x0], dim=1)
+        prev_t, gap_t = block_left_context(xt, x0, mask_id, block_size, pad)
+        prev_0, gap_0 = left_context(x0, mask_id, pad)
+        extra = {"prev_idx": torch.cat([prev_t, prev_0], 1), "prev_gap": torch.cat([gap_t, gap_0], 1)}
     logits = model(torch.cat([xt, x0], dim=1), positions=pos, attn_mask=mask, logits_from=0, logits_to=L, **extra)
     per = torch.where(masked, _masked_ce(logits, x0, mask_id) * w, 0.0)  # not `* masked`: inf * 0 = nan
     return _reduce(per, None if prompt_mask is None else ~prompt_mask)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import torch
 
 from ..model import Transformer
+from ..model.shift import left_context
 from .kv_cache import BatchKV, PagedKVCache
 from .request import Window
 
@@ -34,7 +35,9 @@ class ModelRunner:
         T = max(w.end - w.start for w in windows)
         A = max(w.hi - w.lo for w in windows)
         ids = torch.zeros(B, T, dtype=torch.long)
+        shift = self.cfg.token_shift
         prev = torch.full((B, T), self.cfg.pad_token_id, dtype=torch.long)
+        gap = torch.ones(B, T, dtype=torch.long)
         pos = torch.zeros(B, T, dtype=torch.long)
         qvalid = torch.zeros(B, T, dtype=torch.bool)
         at = torch.zeros(B, A, dtype=torch.long)
@@ -42,10 +45,9 @@ class ModelRunner:
         for i, (c, w) in enumerate(zip(canvases, windows)):
             n, pad = w.end - w.start, T - (w.end - w.start)
             ids[i, pad:] = c[w.start:w.end]
-            if w.start > 0:
-                prev[i, pad:] = c[w.start - 1:w.end - 1]
-            else:
-                prev[i, pad + 1:] = c[w.start:w.end - 1]
+            if shift:  # the left context a forward of the whole canvas would compute
+                p, g = left_context(c[None, :w.end], self.cfg.mask_token_id, self.cfg.pad_token_id)
+                prev[i, pad:], gap[i, pad:] = p[0, w.start:], g[0, w.start:]
             pos[i, pad:] = torch.arange(w.start, w.end)
             qvalid[i, pad:] = True
             a = w.hi - w.lo
@@ -73,7 +75,7 @@ class ModelRunner:
             # A padded query row would see no key at all and produce NaN; let it see key 0 instead.
             mask[:, :, 0] |= ~qvalid
             mask = mask.to(self.device)
-        extra = {"prev_idx": prev.to(self.device)} if self.cfg.token_shift else {}
+        extra = {"prev_idx": prev.to(self.device), "prev_gap": gap.to(self.device)} if shift else {}
         logits = self.net(ids.to(self.device), positions=pos.to(self.device), attn_mask=mask,
                           kv_cache=kv, logits_at=at.to(self.device), **extra)
         return logits, avalid

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 
 from ..config import ModelConfig
 from .masks import block_causal_mask
+from .shift import MAX_GAP, left_context
 
 try:  # FlexAttention (torch >= 2.5): block-sparse masks, used for BD3-LM training on CUDA
     from torch.nn.attention.flex_attention import BlockMask, flex_attention
@@ -50,11 +51,6 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     # x: (B, H, T, D) with the rotated pairs in the two halves of D; cos/sin: (B, 1, T, D/2)
     x1, x2 = x.float().chunk(2, dim=-1)
     return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1).type_as(x)
-
-
-def shift_right(idx: torch.Tensor, first: int) -> torch.Tensor:
-    """(B, T) -> the token before each position, `first` at position 0."""
-    return torch.cat([torch.full_like(idx[:, :1], first), idx[:, :-1]], dim=1)
 
 
 class Attention(nn.Module):
@@ -114,6 +110,7 @@ class Transformer(nn.Module):
         self.config = cfg
         self.embed = nn.Embedding(cfg.vocab_size, cfg.d_model)
         self.prev_embed = nn.Embedding(cfg.vocab_size, cfg.d_model) if cfg.token_shift else None
+        self.gap_embed = nn.Embedding(MAX_GAP + 1, cfg.d_model) if cfg.token_shift else None
         self.layers = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layers))
         self.norm = nn.RMSNorm(cfg.d_model, eps=cfg.norm_eps)
         self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
@@ -151,6 +148,7 @@ class Transformer(nn.Module):
         logits_to: int | None = None,
         logits_at: torch.Tensor | None = None,
         prev_idx: torch.Tensor | None = None,
+        prev_gap: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """idx: (B, T) token ids -> logits (B, T, vocab), float32.
 
@@ -161,9 +159,9 @@ class Transformer(nn.Module):
         logits_from/logits_to: only project this slice of positions to the vocabulary (the LM head
         dominates the cost of a small model, and losses often need only part of the sequence).
         logits_at: (B, A) indices into T; project only those positions (ragged engine batches).
-        prev_idx: (B, T) the token before each position, for `token_shift` models. Default: idx
-        shifted right with [PAD] first, which is right only for a sequence that starts at position 0
-        (so it is required with a `kv_cache`).
+        prev_idx, prev_gap: (B, T) the nearest visible token left of each position and its distance
+        (`model/shift.py`), for `token_shift` models. Default: computed from idx, which is right
+        only for a sequence that starts at position 0 (so they are required with a `kv_cache`).
         """
         B, T = idx.shape
         if positions is None:
@@ -183,11 +181,12 @@ class Transformer(nn.Module):
         sin = self.rope_sin[positions].unsqueeze(1)
         x = self.embed(idx)
         if self.prev_embed is not None:
-            if prev_idx is None:
+            if prev_idx is None or prev_gap is None:
                 if kv_cache is not None:
-                    raise ValueError("prev_idx is required for a token_shift model when a kv_cache is used")
-                prev_idx = shift_right(idx, self.config.pad_token_id)
-            x = x + self.prev_embed(prev_idx)
+                    raise ValueError("prev_idx and prev_gap are required for a token_shift model when a "
+                                     "kv_cache is used")
+                prev_idx, prev_gap = left_context(idx, self.config.mask_token_id, self.config.pad_token_id)
+            x = x + self.prev_embed(prev_idx) + self.gap_embed(prev_gap)
         for layer in self.layers:
             x = layer(x, cos, sin, attn_mask, is_causal, kv_cache)
         if logits_at is not None:
@@ -198,5 +197,7 @@ class Transformer(nn.Module):
 
     def num_params(self, non_embedding: bool = True) -> int:
         n = sum(p.numel() for p in self.parameters())
-        emb = self.embed.weight.numel() + (self.prev_embed.weight.numel() if self.prev_embed is not None else 0)
+        emb = self.embed.weight.numel()
+        if self.prev_embed is not None:
+            emb += self.prev_embed.weight.numel() + self.gap_embed.weight.numel()
         return n - emb if non_embedding else n
