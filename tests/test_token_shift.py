@@ -30,16 +30,19 @@ def models(tok):
             for a in ("block", "full", "causal")}
 
 
-def test_previous_token_changes_the_output():
-    cfg = tiny_config(attention="causal", token_shift=True)
+def test_left_context_reaches_masked_inputs_only():
+    cfg = tiny_config(attention="block", token_shift=True)
     torch.manual_seed(0)
     net = Transformer(cfg).eval()
-    x = torch.randint(3, cfg.vocab_size, (2, 10))
+    x = torch.randint(3, cfg.vocab_size, (2, 12))
+    x[:, 5:8] = cfg.mask_token_id
+    other = dict(prev_idx=torch.full_like(x, 5), prev_gap=torch.ones_like(x))
     with torch.no_grad():
-        plain = net(x)
-        other = net(x, prev_idx=torch.full_like(x, 5), prev_gap=torch.ones_like(x))
-    assert not torch.allclose(plain, other)
-    assert net.num_params() == Transformer(tiny_config(attention="causal")).num_params()
+        assert not torch.allclose(net(x), net(x, **other))
+        clean = x.clone()
+        clean[:, 5:8] = 4
+        torch.testing.assert_close(net(clean), net(clean, **other))  # no [MASK]: nothing changes
+    assert net.num_params() == Transformer(tiny_config(attention="block")).num_params()
 
 
 def test_cache_requires_previous_tokens():

@@ -42,9 +42,11 @@ class ArchConfig(Strict):
     attention: Attention = "block"
     block_size: int = 16
     objective: Objective = "bd3lm"
-    # Add a learned embedding of the previous token to each position's input. A [MASK] query has
-    # nothing of its own; without this it must learn to find its left neighbour by attention, and
-    # a BD3 model at block 1 (the AR objective) measured far slower to train than the AR twin.
+    # Give each [MASK] input embeddings of the nearest visible token on its left and of its
+    # distance (model/shift.py). A masked query has nothing of its own; without this it must learn
+    # to find its neighbours by attention, and a BD3 model at block 1 (the AR objective) measured
+    # far slower to train than the AR twin. Clean inputs are unchanged, so an AR model (which never
+    # sees [MASK]) computes the same function with or without it.
     token_shift: bool = False
 
     @model_validator(mode="after")

@@ -5,7 +5,7 @@ A [MASK] position has no content of its own. An AR model's input at p already ho
 token, but a masked query must learn to find its neighbours through attention, and that was
 measured to slow training a lot (see the `token_shift` note in config.py). Handing each position
 the nearest visible token on its left and the distance to it gives the masked query an AR-like
-start. For clean text (AR models, BD3's clean stream) it is simply the previous token at distance 1.
+start. Only [MASK] inputs use it (see `Transformer.forward`).
 """
 from __future__ import annotations
 

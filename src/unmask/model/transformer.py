@@ -186,7 +186,10 @@ class Transformer(nn.Module):
                     raise ValueError("prev_idx and prev_gap are required for a token_shift model when a "
                                      "kv_cache is used")
                 prev_idx, prev_gap = left_context(idx, self.config.mask_token_id, self.config.pad_token_id)
-            x = x + self.prev_embed(prev_idx) + self.gap_embed(prev_gap)
+            # Only [MASK] inputs get it: a clean token's own embedding is what an AR-style stream
+            # reads, and adding its left neighbour on top measured worse for the AR twin.
+            is_mask = (idx == self.config.mask_token_id).unsqueeze(-1)
+            x = torch.where(is_mask, x + self.prev_embed(prev_idx) + self.gap_embed(prev_gap), x)
         for layer in self.layers:
             x = layer(x, cos, sin, attn_mask, is_causal, kv_cache)
         if logits_at is not None:
