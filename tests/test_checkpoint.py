@@ -57,9 +57,9 @@ def saved(tmp_path, tokenizer):
 
 # ---- round trips ------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("tie", [True, False])
-def test_round_trip(tmp_path, tokenizer, tie):
-    net = make_net(tie_embeddings=tie, n_kv_heads=2)
+@pytest.mark.parametrize("tie,shift", [(True, False), (False, False), (True, True)])
+def test_round_trip(tmp_path, tokenizer, tie, shift):
+    net = make_net(tie_embeddings=tie, n_kv_heads=2, token_shift=shift)
     gen = GenerationConfig(policy="threshold", threshold=0.75, steps=12, block_size=8, max_tokens=40,
                            temperature=0.5, top_p=0.9)
     out = save(net, tmp_path / "ckpt", tokenizer=tokenizer, generation=gen, card="# tiny\n")
@@ -81,9 +81,10 @@ def test_round_trip(tmp_path, tokenizer, tie):
         assert m.net.lm_head.weight.data_ptr() != m.net.embed.weight.data_ptr()
     # the loaded network computes what the original (with bf16-rounded weights) computes:
     # this also covers the RoPE tables, which are not stored
-    ref = make_net(tie_embeddings=tie, n_kv_heads=2)
+    ref = make_net(tie_embeddings=tie, n_kv_heads=2, token_shift=shift)
     ref.load_state_dict(bf16_rounded(net))
     x = torch.randint(0, VOCAB, (2, 9))
+    x[:, 3:5] = net.config.mask_token_id
     with torch.no_grad():
         torch.testing.assert_close(m.net(x), ref.eval()(x), atol=1e-5, rtol=1e-5)
     assert not m.net.training
