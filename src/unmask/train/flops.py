@@ -15,7 +15,7 @@ _PEAKS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "L4": 121.0}
 
 
 def flops_per_token(cfg: ModelConfig, n_params: int, seq_len: int) -> float:
-    matmul = 6 * n_params  # n_params counts the embedding once: it is also the (tied) output head
+    matmul = 6 * n_params  # n_params: the parameters used in matmuls (body + output head)
     if cfg.objective == "bd3lm":
         # Each half sees at most ~seq_len keys (noisy half: earlier clean blocks plus its own block).
         attn = 12 * cfg.n_layers * cfg.d_model * seq_len

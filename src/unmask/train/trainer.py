@@ -101,7 +101,8 @@ def train(config: str | Path, out: str | Path, max_steps: int | None = None, res
     bf16 = cfg.train.precision == "bf16" or (cfg.train.precision == "auto" and d.device.type == "cuda")
     autocast = torch.autocast(d.device.type, dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
     tokens_per_step = cfg.train.batch_size * cfg.data.seq_len
-    fpt = flops_per_token(mcfg, net.num_params(non_embedding=False), cfg.data.seq_len)
+    # matmul parameters: the body and the output head; input lookups (embeddings) cost no FLOPs
+    fpt = flops_per_token(mcfg, net.num_params(non_embedding=True) + net.lm_head.weight.numel(), cfg.data.seq_len)
     peak = peak_flops(d.device, cfg.train.peak_tflops)
     evaluate = lambda: bits_per_byte(net, val_tokens, bpt, seq_len=cfg.data.seq_len, batch=micro,  # noqa: E731
                                      n_batches=cfg.train.eval_batches, seed=cfg.train.seed,
