@@ -5,8 +5,16 @@ import pytest
 import torch
 
 from unmask.config import OBJECTIVE_ATTENTION, ModelConfig
+from unmask.tokenizer import Tokenizer, train_tokenizer
 
 _ATTENTION_OBJECTIVE = {v: k for k, v in OBJECTIVE_ATTENTION.items()}
+
+
+@pytest.fixture(scope="module")
+def tok() -> Tokenizer:
+    """A tiny code tokenizer for engine and sampler tests (a module may define its own `tok`)."""
+    text = "def add(a, b):\n    return a + b\n\nclass Stack:\n    def push(self, x):\n        self.items.append(x)\n"
+    return train_tokenizer([text] * 10, vocab_size=300)
 
 
 def random_pretrained(tok, attention: str, *, seed: int = 0, block_size: int = 4, max_seq_len: int = 64,

@@ -13,7 +13,7 @@ from unmask.engine import Engine, SamplingParams
 from unmask.errors import UserError
 from unmask.pretrained import Pretrained
 from unmask.sampling import reference_generate
-from unmask.tokenizer import Tokenizer, train_tokenizer
+from unmask.tokenizer import Tokenizer
 
 CACHES = {"block": ["exact", "none"], "causal": ["exact", "none"], "full": ["dual", "prefix", "none"]}
 BLOCK = 4
@@ -25,12 +25,6 @@ pytestmark = pytest.mark.timeout(120)  # a request that never finishes fails ins
 @pytest.fixture(autouse=True)
 def _one_thread(single_thread):
     """Every test here runs on one intra-op thread (the machine is shared)."""
-
-
-@pytest.fixture(scope="module")
-def tok() -> Tokenizer:
-    text = "def add(a, b):\n    return a + b\n\nclass Stack:\n    def push(self, x):\n        self.items.append(x)\n"
-    return train_tokenizer([text] * 10, vocab_size=300)
 
 
 def make_model(tok: Tokenizer, attention: str, seed: int = 0, peak: float = 1.0) -> Pretrained:

@@ -20,16 +20,10 @@ from unmask.sampling import (
     steps_per_block,
     top_p_filter,
 )
-from unmask.tokenizer import Tokenizer, train_tokenizer
+from unmask.tokenizer import Tokenizer
 
 BLOCK = 8
 CTX = 64
-
-
-@pytest.fixture(scope="module")
-def tok() -> Tokenizer:
-    text = "def add(a, b):\n    return a + b\n\nclass Stack:\n    def push(self, x):\n        self.items.append(x)\n"
-    return train_tokenizer([text] * 10, vocab_size=300)
 
 
 def make_model(tok: Tokenizer, attention: str, seed: int = 0, block_size: int = BLOCK) -> Pretrained:

@@ -13,15 +13,8 @@ from test_engine import BLOCK, CACHES, CTX, prompt_ids, random_params, run_loop
 from unmask.engine import Engine, SamplingParams
 from unmask.model import Transformer
 from unmask.sampling import reference_generate
-from unmask.tokenizer import Tokenizer, train_tokenizer
 
 pytestmark = [pytest.mark.timeout(120), pytest.mark.usefixtures("single_thread")]
-
-
-@pytest.fixture(scope="module")
-def tok() -> Tokenizer:
-    text = "def add(a, b):\n    return a + b\n\nclass Stack:\n    def push(self, x):\n        self.items.append(x)\n"
-    return train_tokenizer([text] * 10, vocab_size=300)
 
 
 @pytest.fixture(scope="module")

@@ -149,9 +149,10 @@ def bd3lm_loss(model, x0, noise: Noise, schedule: Schedule, mask_id: int, block_
     else:  # FlexAttention has no CPU backward
         mask = bd3_additive_mask(L, block_size, str(x0.device))
     extra = {}
-    if getattr(_unwrap(model), "prev_embed", None) is not None:
+    net = _unwrap(model)
+    if getattr(getattr(net, "config", None), "token_shift", False):
         # what inference sees left of each position: earlier blocks clean, this block as noised
-        pad = _unwrap(model).config.pad_token_id
+        pad = net.config.pad_token_id
         prev_t, gap_t = block_left_context(xt, x0, mask_id, block_size, pad)
         prev_0, gap_0 = left_context(x0, mask_id, pad)
         extra = {"prev_idx": torch.cat([prev_t, prev_0], 1), "prev_gap": torch.cat([gap_t, gap_0], 1)}
