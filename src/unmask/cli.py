@@ -38,7 +38,7 @@ def cmd_tokenizer_train(a) -> None:
 def cmd_train(a) -> None:
     from .train import train
 
-    final = train(a.config, a.out, max_steps=a.max_steps, resume=a.resume)
+    final = train(a.config, a.out, max_steps=a.max_steps, resume=a.resume, time_limit=a.time_limit)
     print(f"model written to {final}")
 
 
@@ -238,6 +238,9 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--out", required=True)
     tr.add_argument("--max-steps", type=_positive_int, default=None)
     tr.add_argument("--resume", action="store_true", help="continue exactly from the latest checkpoint in --out")
+    tr.add_argument("--time-limit", type=float, default=None, metavar="SECONDS",
+                    help="stop cleanly after this many seconds: checkpoint + export to OUT/partial; "
+                         "continue with --resume")
     tr.set_defaults(func=cmd_train)
 
     g = sub.add_parser("generate", help="one completion")

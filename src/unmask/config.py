@@ -124,6 +124,12 @@ class OptimConfig(Strict):
     beta1: float = 0.9
     beta2: float = 0.95
     grad_clip: float = 1.0
+    # "cosine": warmup, then cosine decay to min_lr over the run. "wsd" (warmup-stable-decay): lr held
+    # flat until the last decay_frac of max_steps, then decayed to min_lr. A run whose length is only
+    # known later (a time-boxed GPU lease) can therefore be extended on resume by raising max_steps,
+    # without changing a single step already taken.
+    schedule: Literal["cosine", "wsd"] = "cosine"
+    decay_frac: float = Field(0.2, gt=0.0, le=1.0)
 
 
 class DiffusionConfig(Strict):

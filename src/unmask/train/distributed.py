@@ -27,6 +27,14 @@ class Dist:
             x /= self.world
         return x
 
+    def any_true(self, flag: bool) -> bool:
+        """Whether `flag` holds on any rank, so that every rank takes the same branch."""
+        if self.world == 1:
+            return flag
+        t = torch.tensor(int(flag), device=self.device)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        return bool(t)
+
     def barrier(self) -> None:
         if self.world > 1:
             dist.barrier()

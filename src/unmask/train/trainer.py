@@ -28,7 +28,14 @@ def lr_at(step: int, cfg: TrainConfig) -> float:
     o, total = cfg.optim, cfg.train.max_steps
     if step < o.warmup_steps:
         return o.lr * (step + 1) / o.warmup_steps
-    progress = min(1.0, (step - o.warmup_steps) / max(1, total - o.warmup_steps))
+    if o.schedule == "wsd":
+        decay = max(1, round(o.decay_frac * total))
+        start = max(o.warmup_steps, total - decay)
+        if step < start:
+            return o.lr
+        progress = min(1.0, (step - start) / max(1, total - start))
+    else:
+        progress = min(1.0, (step - o.warmup_steps) / max(1, total - o.warmup_steps))
     return o.min_lr + 0.5 * (o.lr - o.min_lr) * (1 + math.cos(math.pi * progress))
 
 
@@ -56,10 +63,16 @@ def _split_sizes(cfg: TrainConfig, world: int) -> tuple[int, int]:
     return micro, b // (micro * world)
 
 
-def train(config: str | Path, out: str | Path, max_steps: int | None = None, resume: bool = False) -> Path:
+def train(config: str | Path, out: str | Path, max_steps: int | None = None, resume: bool = False,
+          time_limit: float | None = None) -> Path:
+    """Train from a config. With `time_limit` (seconds of this process), the run stops cleanly after
+    the first step past the limit: a checkpoint for --resume and, in `out/partial`, an export of the
+    weights so far (the EMA when there is one: it stands in for the learning-rate decay not yet run).
+    Returns the export's directory."""
     from ..data import corpus_meta, load_split
     from ..tokenizer import Tokenizer
 
+    t_start = time.perf_counter()
     cfg = load_train_config(config)
     if max_steps is not None:
         cfg.train.max_steps = max_steps
@@ -166,11 +179,24 @@ def train(config: str | Path, out: str | Path, max_steps: int | None = None, res
         if record and d.main:
             with log_path.open("a") as f:
                 f.write(json.dumps(record) + "\n")
-        if done % cfg.train.ckpt_interval == 0 or done == cfg.train.max_steps:
+        out_of_time = time_limit is not None and d.any_true(time.perf_counter() - t_start > time_limit)
+        if done % cfg.train.ckpt_interval == 0 or done == cfg.train.max_steps or out_of_time:
             if d.main:
                 save_checkpoint(ckpt_root, done, net, opt, {"tokens": done * tokens_per_step, "world": d.world},
                                 ema_state=None if ema is None else ema.state_dict())
             d.barrier()
+        if out_of_time and done < cfg.train.max_steps:
+            bar.close()
+            if d.main:
+                if ema is not None:
+                    with ema.swapped_in(net):
+                        _export(net, tok, cfg, out / "partial")
+                else:
+                    _export(net, tok, cfg, out / "partial")
+                bar.write(f"time limit: stopped after step {done} of {cfg.train.max_steps}; "
+                          f"continue with --resume (partial export in {out / 'partial'})")
+            distributed.shutdown()
+            return out / "partial"
     bar.close()
     if d.main:
         if ema is not None and record and record.get("eval_bpb_ema", float("inf")) < record.get("eval_bpb", 0):
