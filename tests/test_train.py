@@ -209,3 +209,49 @@ def test_fim_rate_reaches_the_batches(tmp_path, corpus, monkeypatch):
     cfg.write_text(cfg.read_text().replace("seq_len = 32", "seq_len = 32\nfim_rate = 0.5"))
     trainer.train(cfg, tmp_path / "run")
     assert seen and all(s == (0.5, (3, 4, 5)) for s in seen)
+
+
+def test_wsd_schedule_is_flat_until_its_decay_so_raising_max_steps_keeps_every_step_taken():
+    from unmask.config import TrainConfig
+    from unmask.train.trainer import lr_at
+
+    def cfg(total):
+        return TrainConfig.model_validate({"optim": {"lr": 1e-3, "min_lr": 1e-4, "warmup_steps": 10,
+                                                     "schedule": "wsd", "decay_frac": 0.25},
+                                           "train": {"max_steps": total}})
+
+    short, long = cfg(100), cfg(400)
+    lrs = [lr_at(s, short) for s in range(100)]
+    assert lrs[:10] == [1e-3 * (s + 1) / 10 for s in range(10)]
+    assert all(x == 1e-3 for x in lrs[10:75])
+    assert all(a > b for a, b in zip(lrs[75:], lrs[76:]))  # strictly decaying over the last 25%
+    assert lrs[-1] < 1.1e-4 and lr_at(100, short) == pytest.approx(1e-4)
+    assert [lr_at(s, long) for s in range(75)] == lrs[:75]
+    cosine = TrainConfig.model_validate({"optim": {"lr": 1e-3, "min_lr": 1e-4, "warmup_steps": 10},
+                                         "train": {"max_steps": 100}})
+    assert lr_at(50, cosine) < 1e-3  # the default schedule is unchanged: cosine from the warmup on
+
+
+def test_time_limited_legs_then_longer_resume_equal_one_uninterrupted_run(tmp_path, corpus):
+    """The GPU recipe: leg 1 stops on a time limit with a schedule too long to finish, leg 2 resumes with
+    the real max_steps. With a wsd schedule the result is the run that knew max_steps from the start."""
+    cfg = write_config(tmp_path / "c.toml", corpus, "bd3lm", steps=1000, micro=8, ckpt=100, eval_interval=100,
+                       extra="ema = 0.9\n")
+    cfg.write_text(cfg.read_text().replace("warmup_steps = 3", 'warmup_steps = 3\nschedule = "wsd"\ndecay_frac = 0.25'))
+    leg1 = run_cli("train", str(cfg), "--out", str(tmp_path / "legs"), "--time-limit", "0", timeout=300)
+    assert leg1.returncode == 0, leg1.stderr
+    assert "time limit: stopped after step 1 of 1000" in leg1.stdout + leg1.stderr
+    assert (tmp_path / "legs" / "checkpoints" / "latest").read_text().strip() == "step_00000001"
+    assert not (tmp_path / "legs" / "final").exists()
+    import unmask
+    partial = unmask.load(tmp_path / "legs" / "partial")  # the EMA so far, loadable as a model
+    assert partial.config.objective == "bd3lm"
+
+    leg2 = run_cli("train", str(cfg), "--out", str(tmp_path / "legs"), "--resume", "--max-steps", "12", timeout=300)
+    assert leg2.returncode == 0, leg2.stderr
+    one = run_cli("train", str(cfg), "--out", str(tmp_path / "one"), "--max-steps", "12", timeout=300)
+    assert one.returncode == 0, one.stderr
+    wa = load_file(tmp_path / "one" / "final" / "model.safetensors")
+    wb = load_file(tmp_path / "legs" / "final" / "model.safetensors")
+    assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
+    assert losses(tmp_path / "one") == losses(tmp_path / "legs")
