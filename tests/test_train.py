@@ -255,3 +255,23 @@ def test_time_limited_legs_then_longer_resume_equal_one_uninterrupted_run(tmp_pa
     wb = load_file(tmp_path / "legs" / "final" / "model.safetensors")
     assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
     assert losses(tmp_path / "one") == losses(tmp_path / "legs")
+
+
+def test_train_tokens_restricts_the_windows_to_a_prefix_and_rejects_too_many(tmp_path, corpus, monkeypatch):
+    from unmask.train import trainer
+
+    seen = []
+
+    def spy(tokens, *a, **kw):
+        seen.append(len(tokens))
+        raise KeyboardInterrupt  # enough: the trainer has chosen its token array
+
+    monkeypatch.setattr(trainer, "global_batch", spy)
+    cfg = write_config(tmp_path / "c.toml", corpus, "ar")
+    cfg.write_text(cfg.read_text().replace("seq_len = 32", "seq_len = 32\ntrain_tokens = 500"))
+    with pytest.raises(KeyboardInterrupt):
+        trainer.train(cfg, tmp_path / "out")
+    assert seen == [500]
+    cfg.write_text(cfg.read_text().replace("train_tokens = 500", "train_tokens = 100000000"))
+    with pytest.raises(UserError, match="data.train_tokens=100000000 but .* has only"):
+        trainer.train(cfg, tmp_path / "out2")

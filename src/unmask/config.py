@@ -114,6 +114,9 @@ class DataConfig(Strict):
     dir: str = "corpus/default"
     seq_len: int = 256
     fim_rate: float = Field(0.0, ge=0.0, le=1.0)  # share of training windows rearranged prefix-suffix-middle
+    # Train on the first N tokens of the split only (0: all of it). Windows are drawn from the array the
+    # trainer sees, so a run on a prefix is reproducible from the full corpus.
+    train_tokens: int = Field(0, ge=0)
 
 
 class OptimConfig(Strict):

@@ -86,6 +86,11 @@ def train(config: str | Path, out: str | Path, max_steps: int | None = None, res
     corpus = Path(cfg.data.dir)
     meta = corpus_meta(corpus)
     train_tokens, val_tokens = load_split(corpus, "train"), load_split(corpus, "val")
+    if cfg.data.train_tokens:
+        if cfg.data.train_tokens > len(train_tokens):
+            raise UserError(f"{config}: data.train_tokens={cfg.data.train_tokens} but {corpus} has only "
+                            f"{len(train_tokens)} train tokens; lower it or rebuild the corpus")
+        train_tokens = train_tokens[: cfg.data.train_tokens]
     tok = Tokenizer.from_file(corpus / "tokenizer.json")
     mcfg = model_config(cfg, tok)
     if cfg.data.seq_len > mcfg.max_seq_len:
