@@ -22,6 +22,7 @@ import torch
 from ..errors import UserError
 from ..sampling.policies import ENTROPY, MARGIN, StepParams, propose_batch, select_commits
 from ..sampling.prompt import is_chat, layout_prompt
+from .cuda_graphs import GraphedForward
 from .kv_cache import PagedKVCache
 from .params import SamplingParams, resolve
 from .request import Request, RequestOutput
@@ -45,7 +46,8 @@ class Event:
 
 class Engine:
     def __init__(self, model, *, max_batch: int = 16, kv_budget_tokens: int | None = None, cache: str = "auto",
-                 refresh_interval: int | None = None, quantize: str | None = None, compile: bool = False):
+                 refresh_interval: int | None = None, quantize: str | None = None, compile: bool = False,
+                 cuda_graphs: bool = False):
         self.model = model
         cfg = model.config
         self.attention = cfg.attention
@@ -58,6 +60,11 @@ class Engine:
             raise UserError(f"max_batch must be >= 1, got {max_batch}")
         if refresh_interval is not None and refresh_interval < 1:
             raise UserError(f"refresh_interval must be >= 1 (or None: refresh at block starts only), got {refresh_interval}")
+        if cuda_graphs and self.cache_mode == "none":
+            raise UserError("cuda_graphs needs the KV cache (its fixed pool is what the graphs read and write); "
+                            "use cache='auto' or 'exact'")
+        if cuda_graphs and compile:
+            raise UserError("cuda_graphs and compile do not combine; choose one")
         if quantize is not None:
             from .quantize import quantize_model
             model = quantize_model(model, quantize)
@@ -78,7 +85,10 @@ class Engine:
             dtype = dtype if dtype.is_floating_point else torch.float32
             cache_obj = PagedKVCache(cfg.n_layers, cfg.kv_heads, cfg.head_dim, budget, page, model.device, dtype)
         self.cache = cache_obj
-        self.runner = ModelRunner(self.net, cache_obj, cfg)
+        # Decode steps padded to static shape buckets, replayed as CUDA graphs on a CUDA model. On CPU
+        # the same padded path runs eagerly: identical tokens, no speed-up (it exists to be tested).
+        graphs = GraphedForward(self.net, cache_obj, cfg, max_batch) if cuda_graphs else None
+        self.runner = ModelRunner(self.net, cache_obj, cfg, graphs)
         self.scheduler = Scheduler(max_batch, cache_obj, self.attention, self.cache_mode)
         self._ids = itertools.count()
         self._requests: dict[str, Request] = {}

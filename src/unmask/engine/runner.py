@@ -2,7 +2,9 @@
 
 Windows are left-padded to a common length; each row's attention mask allows its cached keys, the
 model's own pattern inside its window (block-causal, causal or full), and nothing of the padding.
-Only the positions a request needs logits for are projected to the vocabulary.
+Only the positions a request needs logits for are projected to the vocabulary. With `graphs` set
+(Engine(cuda_graphs=True)), decode steps are further padded to static shape buckets and handed to
+it (cuda_graphs.py); everything else runs as before.
 """
 from __future__ import annotations
 
@@ -10,7 +12,8 @@ import torch
 
 from ..model import Transformer
 from ..model.shift import left_context
-from .kv_cache import BatchKV, PagedKVCache
+from .cuda_graphs import GraphedForward, StepInputs, run_net
+from .kv_cache import PagedKVCache
 from .request import Window
 
 
@@ -24,8 +27,8 @@ def _allowed(attention: str, block_size: int, q: torch.Tensor, k: torch.Tensor) 
 
 
 class ModelRunner:
-    def __init__(self, net: Transformer, cache: PagedKVCache | None, cfg):
-        self.net, self.cache, self.cfg = net, cache, cfg
+    def __init__(self, net: Transformer, cache: PagedKVCache | None, cfg, graphs: GraphedForward | None = None):
+        self.net, self.cache, self.cfg, self.graphs = net, cache, cfg, graphs
         self.device = next(net.parameters()).device
 
     @torch.inference_mode()
@@ -34,48 +37,68 @@ class ModelRunner:
         B = len(windows)
         T = max(w.end - w.start for w in windows)
         A = max(w.hi - w.lo for w in windows)
-        ids = torch.zeros(B, T, dtype=torch.long)
+        g = self.graphs
+        if g is not None and self.cache is not None and g.accepts(T):
+            rows, S = g.buckets(B, max(w.key_end for w in windows))
+            x, valid = self.build(canvases, windows, tables, rows=rows, A=T, S=S)
+            return g(x)[:B, :A], valid[:B, :A]
+        x, valid = self.build(canvases, windows, tables)
+        return run_net(self.net, self.cache, x.to(self.device)), valid
+
+    def build(self, canvases: list[torch.Tensor], windows: list[Window], tables: list[list[int]], *,
+              rows: int | None = None, A: int | None = None, S: int | None = None) -> tuple[StepInputs, torch.Tensor]:
+        """The forward's host inputs and valid (rows, A). rows/A/S pad the batch, the logit positions
+        and the keys beyond what the windows need (padded rows write to scratch page 0 and see key 0)."""
+        B = len(windows)
+        rows = rows or B
+        T = max(w.end - w.start for w in windows)
+        A = A or max(w.hi - w.lo for w in windows)
+        ids = torch.zeros(rows, T, dtype=torch.long)
         shift = self.cfg.token_shift
-        prev = torch.full((B, T), self.cfg.pad_token_id, dtype=torch.long)
-        gap = torch.ones(B, T, dtype=torch.long)
-        pos = torch.zeros(B, T, dtype=torch.long)
-        qvalid = torch.zeros(B, T, dtype=torch.bool)
-        at = torch.zeros(B, A, dtype=torch.long)
-        avalid = torch.zeros(B, A, dtype=torch.bool)
+        prev = torch.full((rows, T), self.cfg.pad_token_id, dtype=torch.long)
+        gap = torch.ones(rows, T, dtype=torch.long)
+        pos = torch.zeros(rows, T, dtype=torch.long)
+        qvalid = torch.zeros(rows, T, dtype=torch.bool)
+        at = torch.zeros(rows, A, dtype=torch.long)
+        avalid = torch.zeros(rows, A, dtype=torch.bool)
         for i, (c, w) in enumerate(zip(canvases, windows)):
-            n, pad = w.end - w.start, T - (w.end - w.start)
+            pad = T - (w.end - w.start)
             ids[i, pad:] = c[w.start:w.end]
             if shift:  # the left context a forward of the whole canvas would compute
-                p, g = left_context(c[None, :w.end], self.cfg.mask_token_id, self.cfg.pad_token_id)
-                prev[i, pad:], gap[i, pad:] = p[0, w.start:], g[0, w.start:]
+                p, gp = left_context(c[None, :w.end], self.cfg.mask_token_id, self.cfg.pad_token_id)
+                prev[i, pad:], gap[i, pad:] = p[0, w.start:], gp[0, w.start:]
             pos[i, pad:] = torch.arange(w.start, w.end)
             qvalid[i, pad:] = True
             a = w.hi - w.lo
             at[i, :a] = torch.arange(w.lo, w.hi) - w.start + pad
             avalid[i, :a] = True
+        write = read = None
         if self.cache is None:
             # Keys are the window itself: every window must start at 0 (no cache to hold a prefix).
             kpos, kvalid = pos, qvalid
-            kv = None
         else:
-            S = max(w.key_end for w in windows)
-            kpos = torch.arange(S).expand(B, S)
-            kvalid = kpos < torch.tensor([w.key_end for w in windows])[:, None]
-            write = torch.zeros(B, T, dtype=torch.long)
-            read = torch.zeros(B, S, dtype=torch.long)
+            key_ends = [w.key_end for w in windows]
+            S = max(S or 0, max(key_ends))
+            kpos = torch.arange(S).expand(rows, S)
+            kvalid = kpos < torch.tensor(key_ends + [0] * (rows - B))[:, None]
+            # Pool rows for all rows at once through a padded page table; padding -> row 0 (scratch page 0).
+            ps = self.cache.page_size
+            npages = max(1, max(len(t) for t in tables))
+            pages = torch.zeros(rows, npages, dtype=torch.long)
             for i, (w, table) in enumerate(zip(windows, tables)):
-                pad = T - (w.end - w.start)
-                write[i, pad:] = self.cache.slots(table, torch.arange(w.start, w.end))
-                read[i, : w.key_end] = self.cache.slots(table, torch.arange(w.key_end))
-            kv = BatchKV(self.cache, write.to(self.device), read.to(self.device))
-        if kv is None and B == 1 and windows[0].start == 0:
+                if w.key_end > len(table) * ps:  # the scheduler grows tables first; never clamp silently
+                    raise RuntimeError(f"page table covers {len(table) * ps} positions, window needs {w.key_end}")
+                pages[i, : len(table)] = torch.as_tensor(table, dtype=torch.long)
+
+            def slots(p: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+                return torch.where(valid, pages.gather(1, (p // ps).clamp(max=npages - 1)) * ps + p % ps, 0)
+
+            write, read = slots(pos, qvalid), slots(kpos, kvalid)
+        if self.cache is None and rows == 1 and windows[0].start == 0:
             mask = None  # the model's own pattern: the very call the reference sampler makes
         else:
             mask = _allowed(self.cfg.attention, self.cfg.block_size, pos, kpos) & kvalid[:, None, :] & qvalid[:, :, None]
             # A padded query row would see no key at all and produce NaN; let it see key 0 instead.
             mask[:, :, 0] |= ~qvalid
-            mask = mask.to(self.device)
-        extra = {"prev_idx": prev.to(self.device), "prev_gap": gap.to(self.device)} if shift else {}
-        logits = self.net(ids.to(self.device), positions=pos.to(self.device), attn_mask=mask,
-                          kv_cache=kv, logits_at=at.to(self.device), **extra)
-        return logits, avalid
+        x = StepInputs(ids, pos, prev if shift else None, gap if shift else None, mask, write, read, at)
+        return x, avalid

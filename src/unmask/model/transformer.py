@@ -168,7 +168,10 @@ class Transformer(nn.Module):
             positions = torch.arange(T, device=idx.device)
         if positions.dim() == 1:
             positions = positions.unsqueeze(0).expand(B, T)
-        if int(positions.max()) >= self.config.max_seq_len:
+        # The check is a host sync, which CUDA graph capture forbids; the engine's graphed decode
+        # steps only carry positions of requests it already fitted into the context.
+        capturing = positions.is_cuda and torch.cuda.is_current_stream_capturing()
+        if not capturing and int(positions.max()) >= self.config.max_seq_len:
             raise ValueError(f"position {int(positions.max())} exceeds max_seq_len {self.config.max_seq_len}")
         is_causal = False
         if attn_mask is None:
