@@ -192,3 +192,11 @@ def test_heldout_errors_are_user_errors(tmp_path):
         load_heldout(bad)
     bad.write_text(json.dumps({"prefix": "a\n", "line": "b"}) + "\n")
     assert load_heldout(bad) == [{"prefix": "a\n", "line": "b"}]
+
+
+def test_an_empty_body_is_not_a_syntax_valid_body():
+    prob = {"task_id": "t/0", "prompt": 'def f(x):\n    """Return x."""\n', "entry_point": "f",
+            "test": "def check(c):\n    assert c(1) == 1\n"}
+    res = score_bodies([prob, prob], ["\n\n", "    return x\n"], timeout=5, workers=1)
+    assert [p["syntax_valid"] for p in res["problems"]] == [False, True]
+    assert [p["passed"] for p in res["problems"]] == [False, True]

@@ -70,20 +70,54 @@ class Batch:
     extra: dict = field(default_factory=dict)
 
 
+def split_trailing_whitespace(prompt: str) -> tuple[str, str]:
+    """(prompt, "") or, when the prompt ends in whitespace that holds a newline, (the prompt without
+    it, that whitespace).
+
+    Why: the BPE merges a newline with the next line's indentation (`"\n   "` is one token), so a
+    prompt cut right after a newline ends in a bare newline token that training text almost never
+    continues with an indented line. Models then start a new top-level statement: measured on the
+    v3 models, every HumanEval body came back empty. Letting the model write the whitespace itself
+    is the usual remedy (code-evaluation harnesses strip their prompts for the same reason)."""
+    stripped = prompt.rstrip()
+    ws = prompt[len(stripped):]
+    return (stripped, ws) if stripped and "\n" in ws else (prompt, "")
+
+
+def _unheal(text: str, ws: str, stop: Sequence[str] | None) -> str:
+    """A completion of the stripped prompt, as a completion of the original one, cut at stops."""
+    if text.startswith(ws):
+        text = text[len(ws):]
+    for s in stop or ():
+        if s in text:
+            text = text[: text.index(s)]
+    return text
+
+
 def run_tasks(model, tasks: Sequence[Task], decoding: Decoding, *, max_tokens: int, concurrency: int = 1,
-              stop: Sequence[str] | None = None, max_batch: int = 16, progress=None) -> Batch:
+              stop: Sequence[str] | None = None, max_batch: int = 16, progress=None, heal: bool = True) -> Batch:
     """Generate one greedy completion per task; outputs in task order.
 
+    heal: a prompt that ends in a newline (plus indentation) is sent without that whitespace, and
+    the model writes it (`split_trailing_whitespace`). Completions are returned relative to the
+    original prompt. Such tasks get their stop strings applied afterwards, since the first thing
+    they generate is a newline; they therefore run to max_tokens (or EOS).
     `extra["cpu_seconds"]`: CPU time this process used meanwhile (all threads); well below
     wall * threads means the run shared the CPU with something else.
     """
     if decoding.sampler not in ("engine", "reference"):
         raise ValueError(f"unknown sampler {decoding.sampler!r}")
+    splits = [split_trailing_whitespace(t.prompt) if heal else (t.prompt, "") for t in tasks]
+    sent = [Task(p, t.suffix) for (p, _), t in zip(splits, tasks)]
     cpu0 = time.process_time()
     if decoding.sampler == "reference":
-        batch = _run_reference(model, tasks, decoding, max_tokens, concurrency, progress)
+        batch = _run_reference(model, sent, decoding, max_tokens, concurrency, progress)
     else:
-        batch = _run_engine(model, tasks, decoding, max_tokens, concurrency, stop, max_batch, progress)
+        stops = [None if ws else stop for _, ws in splits]
+        batch = _run_engine(model, sent, decoding, max_tokens, concurrency, stops, max_batch, progress)
+    for c, (_, ws) in zip(batch.completions, splits):
+        if ws:
+            c.text = _unheal(c.text, ws, stop)
     batch.extra["cpu_seconds"] = time.process_time() - cpu0
     return batch
 
@@ -99,9 +133,10 @@ def _sampling_params(decoding: Decoding, task: Task, max_tokens: int, stop):
                           stop=list(stop) if stop else None, suffix=task.suffix)
 
 
-def _run_engine(model, tasks, decoding, max_tokens, concurrency, stop, max_batch, progress) -> Batch:
+def _run_engine(model, tasks, decoding, max_tokens, concurrency, stops, max_batch, progress) -> Batch:
+    """stops: per task."""
     engine = Engine(model, max_batch=max(max_batch, concurrency), quantize=decoding.quantize)
-    params = [_sampling_params(decoding, t, max_tokens, stop) for t in tasks]
+    params = [_sampling_params(decoding, t, max_tokens, st) for t, st in zip(tasks, stops)]
     pending = deque(range(len(tasks)))
     inflight: dict[str, int] = {}
     outs: dict[int, object] = {}

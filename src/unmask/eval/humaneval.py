@@ -9,7 +9,8 @@ Each completion runs with the problem's tests in its own subprocess (unmask.eval
   middle given the prefix (prompt + lines above) and the suffix (lines below) via fill-in-the-middle,
   generation stops at the first newline, the line is spliced back and the tests run. Reports pass@1
   and exact match.
-- syntax validity: `ast.parse(prompt + completion)` over the same generations.
+- syntax validity: `ast.parse(prompt + completion)` over the same generations; an empty body counts
+  as invalid.
 """
 from __future__ import annotations
 
@@ -59,7 +60,8 @@ def score_bodies(problems: Sequence[dict], completions: Sequence[str], *, timeou
     """Truncate, parse and execute completions of HumanEval prompts; pass@1 and syntax validity."""
     bodies = [truncate_completion(c, at_line_start=p["prompt"].endswith("\n")) for p, c in zip(problems, completions)]
     results = run_programs([check_program(p, b) for p, b in zip(problems, bodies)], timeout, workers, cache)
-    syntax = [syntax_valid(p["prompt"] + b) for p, b in zip(problems, bodies)]
+    # An empty body parses (the docstring is a statement) but is not a generated body.
+    syntax = [bool(b.strip()) and syntax_valid(p["prompt"] + b) for p, b in zip(problems, bodies)]
     per = [{"task_id": p["task_id"], "passed": r.passed, "status": r.status, "syntax_valid": s, "error": r.error,
             "completion": b} for p, b, r, s in zip(problems, bodies, results, syntax)]
     return {"n": len(per), "pass_at_1": mean(r.passed for r in results), "syntax_valid": mean(syntax),
