@@ -20,8 +20,9 @@ $(STAMP): pyproject.toml
 venv: $(STAMP)
 
 # The dLLM completes a function and fills a middle; its AR twin does the same on the same engine, so
-# the [tokens, NFE, TPF, tok/s] lines compare them directly.
-DEMO_PROMPT := def is_palindrome(s: str) -> bool:\n    """Return True if s reads the same forwards and backwards."""\n
+# the [tokens, NFE, TPF, tok/s] lines compare them directly. The prompt stops before its last newline:
+# the tokenizer merges a newline with the next indentation, so the model writes both (eval/generate.py).
+DEMO_PROMPT := def is_palindrome(s: str) -> bool:\n    """Return True if s reads the same forwards and backwards."""
 DEMO_PREFIX := def mean(values):\n    total = 0\n    for v in values:\n        total +=
 DEMO_SUFFIX := \n    return total / len(values)\n
 demo: $(STAMP)
