@@ -588,3 +588,25 @@ def test_chat_turn_ends_at_end_of_turn_token(fresh, attention):
     assert out.finish_reason == "stop" and len(out.token_ids) == 2 and end not in out.token_ids
     plain = Engine(model).generate([model.tokenizer.encode_chat(chat)], SamplingParams(max_tokens=12))[0]
     assert plain.finish_reason == "length" and len(plain.token_ids) == 12
+
+
+@pytest.mark.parametrize("attention", ["block", "causal"])
+def test_prefills_get_steps_of_their_own(models, attention):
+    """A newcomer's prompt is not padded into the decoding rows' forward: a step holds either
+    prefill windows or decode windows, and the outputs still equal the requests run alone."""
+    model = models[attention]
+    limit = 2 * BLOCK if attention == "block" else 1
+    items = [(0, prompt_ids(12, 1), SamplingParams(max_tokens=12, temperature=0.0)),
+             (3, prompt_ids(15, 2), SamplingParams(max_tokens=8, temperature=0.0)),
+             (3, prompt_ids(3, 3), SamplingParams(max_tokens=8, temperature=0.0)),
+             (5, prompt_ids(18, 4), SamplingParams(max_tokens=8, temperature=0.0))]
+    engine = Engine(model, max_batch=4)
+    alone = [engine.generate([p], sp)[0] for _, p, sp in items]
+    calls = record_windows(engine)
+    batched = run_loop(engine, items)
+    lengths = [[w.end - w.start for w in windows] for _, windows, _, _ in calls]
+    mixed = [ls for ls in lengths if max(ls) > limit and min(ls) <= limit]
+    assert not mixed, mixed
+    assert any(len(ls) > 1 for ls in lengths)  # decoding was still batched
+    for a, b in zip(alone, batched):
+        assert a.token_ids == b.token_ids and a.nfe == b.nfe

@@ -22,7 +22,7 @@ import torch
 from ..errors import UserError
 from ..sampling.policies import ENTROPY, MARGIN, StepParams, propose_batch, select_commits
 from ..sampling.prompt import is_chat, layout_prompt
-from .cuda_graphs import GraphedForward
+from .cuda_graphs import GraphedForward, decode_limit
 from .kv_cache import PagedKVCache
 from .params import SamplingParams, resolve
 from .request import Request, RequestOutput
@@ -89,7 +89,8 @@ class Engine:
         # the same padded path runs eagerly: identical tokens, no speed-up (it exists to be tested).
         graphs = GraphedForward(self.net, cache_obj, cfg, max_batch) if cuda_graphs else None
         self.runner = ModelRunner(self.net, cache_obj, cfg, graphs)
-        self.scheduler = Scheduler(max_batch, cache_obj, self.attention, self.cache_mode)
+        self.scheduler = Scheduler(max_batch, cache_obj, self.attention, self.cache_mode,
+                                   decode_window=decode_limit(cfg.attention, cfg.block_size) if cache_obj else 0)
         self._ids = itertools.count()
         self._requests: dict[str, Request] = {}
         self.steps = 0

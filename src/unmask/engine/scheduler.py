@@ -3,7 +3,8 @@
 Admission is first come, first served while a batch slot and enough cache pages for the request's
 next window are free. When a running request cannot grow, the most recently admitted one is
 preempted: its pages are freed and it goes back to the front of the queue to start over (at
-temperature 0, or with a seed, it produces the same output when it runs again).
+temperature 0, or with a seed, it produces the same output when it runs again). A step that would
+mix prefill windows with decode windows runs the prefills alone.
 """
 from __future__ import annotations
 
@@ -14,9 +15,12 @@ from .request import Request
 
 
 class Scheduler:
-    def __init__(self, max_batch: int, cache: PagedKVCache | None, attention: str, cache_mode: str):
+    def __init__(self, max_batch: int, cache: PagedKVCache | None, attention: str, cache_mode: str,
+                 decode_window: int = 0):
+        """decode_window: the longest window that counts as decoding (0: never separate prefills)."""
         self.max_batch, self.cache = max_batch, cache
         self.attention, self.cache_mode = attention, cache_mode
+        self.decode_window = decode_window
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
         self.preemptions = 0
@@ -58,7 +62,20 @@ class Scheduler:
                 if not self.cache.grow(req.pages, self._need(req)):
                     break
             self.running.append(self.waiting.popleft())
-        return list(self.running)
+        batch = list(self.running)
+        if self.decode_window:
+            # The runner pads every window to the longest, so one prompt being prefilled would make
+            # all the decoding rows pay for its length. Prefills therefore get steps of their own
+            # (first, as newcomers should start); the decoding requests wait one step and are
+            # otherwise unaffected: a request's own computation does not depend on its batch.
+            long = [r for r in batch if self._window(r) > self.decode_window]
+            if long and len(long) < len(batch):
+                batch = long
+        return batch
+
+    def _window(self, req: Request) -> int:
+        w = req.plan(self.attention, self.cache_mode)
+        return w.end - w.start
 
     def retire(self, req: Request) -> None:
         if req in self.running:
