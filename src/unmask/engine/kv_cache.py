@@ -44,10 +44,23 @@ class PagedKVCache:
         self._free.extend(reversed(table))
         table.clear()
 
-    def slots(self, table: list[int], positions: torch.Tensor) -> torch.Tensor:
-        """Physical pool rows of logical positions (positions must be covered by the table)."""
-        pages = torch.as_tensor(table, dtype=torch.long)
-        return pages[positions // self.page_size] * self.page_size + positions % self.page_size
+    def page_table(self, tables: list[list[int]], rows: int, key_ends: list[int]) -> torch.Tensor:
+        """(rows, pages) of the requests' page tables, zero-padded (page 0 is scratch); rows beyond
+        len(tables) are padding. Each table must already cover its request's key_end."""
+        ps = self.page_size
+        out = torch.zeros(rows, max(1, max(len(t) for t in tables)), dtype=torch.long)
+        for i, (table, end) in enumerate(zip(tables, key_ends)):
+            if end > len(table) * ps:  # the scheduler grows tables first; never clamp silently
+                raise RuntimeError(f"page table covers {len(table) * ps} positions, window needs {end}")
+            out[i, : len(table)] = torch.as_tensor(table, dtype=torch.long)
+        return out
+
+    def slots(self, pages: torch.Tensor, positions: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+        """Physical pool rows of logical positions (B, N) through page tables (B, pages); invalid
+        positions map to row 0 of the scratch page."""
+        ps = self.page_size
+        rows = pages.gather(1, (positions // ps).clamp(max=pages.shape[1] - 1)) * ps + positions % ps
+        return torch.where(valid, rows, 0)
 
 
 class BatchKV:

@@ -81,19 +81,8 @@ class ModelRunner:
             S = max(S or 0, max(key_ends))
             kpos = torch.arange(S).expand(rows, S)
             kvalid = kpos < torch.tensor(key_ends + [0] * (rows - B))[:, None]
-            # Pool rows for all rows at once through a padded page table; padding -> row 0 (scratch page 0).
-            ps = self.cache.page_size
-            npages = max(1, max(len(t) for t in tables))
-            pages = torch.zeros(rows, npages, dtype=torch.long)
-            for i, (w, table) in enumerate(zip(windows, tables)):
-                if w.key_end > len(table) * ps:  # the scheduler grows tables first; never clamp silently
-                    raise RuntimeError(f"page table covers {len(table) * ps} positions, window needs {w.key_end}")
-                pages[i, : len(table)] = torch.as_tensor(table, dtype=torch.long)
-
-            def slots(p: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
-                return torch.where(valid, pages.gather(1, (p // ps).clamp(max=npages - 1)) * ps + p % ps, 0)
-
-            write, read = slots(pos, qvalid), slots(kpos, kvalid)
+            pages = self.cache.page_table(tables, rows, key_ends)
+            write, read = self.cache.slots(pages, pos, qvalid), self.cache.slots(pages, kpos, kvalid)
         if self.cache is None and rows == 1 and windows[0].start == 0:
             mask = None  # the model's own pattern: the very call the reference sampler makes
         else:

@@ -193,24 +193,18 @@ def train(config: str | Path, out: str | Path, max_steps: int | None = None, res
         if out_of_time and done < cfg.train.max_steps:
             bar.close()
             if d.main:
-                if ema is not None:
-                    with ema.swapped_in(net):
-                        _export(net, tok, cfg, out / "partial")
-                else:
-                    _export(net, tok, cfg, out / "partial")
+                _export(net, tok, cfg, out / "partial", ema)
                 bar.write(f"time limit: stopped after step {done} of {cfg.train.max_steps}; "
                           f"continue with --resume (partial export in {out / 'partial'})")
             distributed.shutdown()
             return out / "partial"
     bar.close()
     if d.main:
-        if ema is not None and record and record.get("eval_bpb_ema", float("inf")) < record.get("eval_bpb", 0):
-            # Ship the average only when it measures better on held-out code.
-            with ema.swapped_in(net):
-                _export(net, tok, cfg, out / "final")
+        # Ship the average only when it measures better on held-out code.
+        better = ema is not None and record and record.get("eval_bpb_ema", float("inf")) < record.get("eval_bpb", 0)
+        _export(net, tok, cfg, out / "final", ema if better else None)
+        if better:
             bar.write("exported the EMA weights (lower held-out bits/byte)")
-        else:
-            _export(net, tok, cfg, out / "final")
     distributed.shutdown()
     return out / "final"
 
@@ -223,9 +217,11 @@ def _truncate_log(path: Path, step: int) -> None:
     atomic_write_text(path, "".join(ln + "\n" for ln in keep))
 
 
-def _export(net: Transformer, tok, cfg: TrainConfig, out: Path) -> None:
+def _export(net: Transformer, tok, cfg: TrainConfig, out: Path, ema: EMA | None = None) -> None:
+    """Export the weights, or the EMA's when one is given."""
     from ..pretrained import save
 
     gen = cfg.generation.model_copy(update={"block_size": net.config.block_size}) \
         if net.config.attention == "block" else cfg.generation
-    save(net, out, tokenizer=tok, generation=gen, dtype=torch.float32)
+    with ema.swapped_in(net) if ema is not None else contextlib.nullcontext():
+        save(net, out, tokenizer=tok, generation=gen, dtype=torch.float32)
