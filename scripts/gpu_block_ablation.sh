@@ -6,7 +6,7 @@
 #
 #   train SECONDS  unpack .whl/ and the corpus prefix in .gpu-data/, train the three runs for at most
 #                  SECONDS (--time-limit), export each to /tmp/abl/bN (bf16), put logs and b16 in $OUT
-#   bench SECONDS  GPU engine speed of models/unmask-coder and models/unmask-coder-ar (bench/gpu_engine.py),
+#   bench S1 S2    GPU engine speed of models/unmask-coder and models/unmask-coder-ar (bench/gpu_engine.py),
 #                  then quality and TPF of the three ablation models (bench/ablation_eval.py); b32 to $OUT
 #   ship N         put /tmp/abl/bN in $OUT
 #
@@ -66,10 +66,10 @@ case $leg in
   bench)
     setup
     ls models/unmask-coder models/unmask-coder-ar >/dev/null || exit 3
+    [ -d "$ABL/b32" ] && ship "$ABL/b32" b32
+    python3 bench/ablation_eval.py --device cuda --out "$OUT/ablation_eval.json" --budget-s "$2" "$ABL"/b4 "$ABL"/b16 "$ABL"/b32
     python3 bench/gpu_engine.py --model models/unmask-coder --ar-model models/unmask-coder-ar \
-      --out "$OUT/gpu_engine.json" --budget-s "$2"
-    python3 bench/ablation_eval.py --device cuda --out "$OUT/ablation_eval.json" --budget-s "$3" "$ABL"/b4 "$ABL"/b16 "$ABL"/b32
-    [ -d "$ABL/b32" ] && ship "$ABL/b32" b32 ;;
+      --out "$OUT/gpu_engine.json" --budget-s "$3" ;;
   ship)
     ship "$ABL/b$2" "b$2" ;;
 esac

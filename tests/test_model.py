@@ -277,3 +277,30 @@ def test_block_query_against_kv_cache_matches_block_forward():
         q = torch.arange(8, 12)
         out = m(x[:, 8:], positions=q, attn_mask=block_causal_mask(q, torch.arange(12), 4), kv_cache=cache)
     torch.testing.assert_close(out, ref[:, 8:], atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("token_shift", [False, True])
+@pytest.mark.parametrize("n_kv_heads", [None, 2])
+def test_packed_forward_equals_padded(token_shift, n_kv_heads):
+    """A ragged batch left-padded to T: running norms, projections and the MLP on the real tokens
+    only (packed) gives the padded forward's logits at every real position."""
+    model = make_model(token_shift=token_shift, n_kv_heads=n_kv_heads)
+    lengths = [L, 3, 7]
+    B = len(lengths)
+    ids, pos = torch.zeros(B, L, dtype=torch.long), torch.zeros(B, L, dtype=torch.long)
+    real = torch.zeros(B, L, dtype=torch.bool)
+    for i, n in enumerate(lengths):
+        ids[i, L - n:] = tokens(1, n, seed=i)[0]
+        ids[i, L - n + 1] = model.config.mask_token_id  # token_shift acts on [MASK] inputs
+        pos[i, L - n:] = torch.arange(n)
+        real[i, L - n:] = True
+    mask = block_causal_mask(pos, pos, 4) & real[:, None, :] & real[:, :, None]
+    mask[:, :, 0] |= ~real  # padded queries see one key, as the engine arranges
+    at = torch.stack([torch.arange(L - 2, L)] * B)  # the last two positions of every row are real
+    padded = model(ids, positions=pos, attn_mask=mask, logits_at=at)
+    packed = model(ids, positions=pos, attn_mask=mask, logits_at=at, packed=real.flatten().nonzero().squeeze(1))
+    torch.testing.assert_close(packed, padded, rtol=1e-5, atol=1e-5)
+    # Without logits_at, every position of the slice is returned; real ones must agree.
+    full_padded = model(ids, positions=pos, attn_mask=mask)
+    full_packed = model(ids, positions=pos, attn_mask=mask, packed=real.flatten().nonzero().squeeze(1))
+    torch.testing.assert_close(full_packed[real], full_padded[real], rtol=1e-5, atol=1e-5)

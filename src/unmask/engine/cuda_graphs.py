@@ -65,6 +65,7 @@ class StepInputs:
     write: torch.Tensor | None  # (B, T) pool rows
     read: torch.Tensor | None  # (B, S) pool rows
     at: torch.Tensor  # (B, A)
+    packed: torch.Tensor | None = None  # (N,) real positions of the flattened (B, T); eager steps only
 
     def to(self, device) -> StepInputs:
         return StepInputs(*(None if t is None else t.to(device) for t in (getattr(self, f.name) for f in fields(self))))
@@ -78,6 +79,8 @@ class StepInputs:
 def run_net(net, cache: PagedKVCache | None, x: StepInputs) -> torch.Tensor:
     kv = None if x.write is None else BatchKV(cache, x.write, x.read)
     extra = {} if x.prev is None else {"prev_idx": x.prev, "prev_gap": x.gap}
+    if x.packed is not None:
+        extra["packed"] = x.packed
     return net(x.ids, positions=x.pos, attn_mask=x.mask, kv_cache=kv, logits_at=x.at, **extra)
 
 

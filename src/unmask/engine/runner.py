@@ -27,8 +27,12 @@ def _allowed(attention: str, block_size: int, q: torch.Tensor, k: torch.Tensor) 
 
 
 class ModelRunner:
-    def __init__(self, net: Transformer, cache: PagedKVCache | None, cfg, graphs: GraphedForward | None = None):
+    def __init__(self, net: Transformer, cache: PagedKVCache | None, cfg, graphs: GraphedForward | None = None,
+                 pack: bool = True):
         self.net, self.cache, self.cfg, self.graphs = net, cache, cfg, graphs
+        # pack: eager forwards skip the padding in every matmul (Transformer.forward's `packed`).
+        # Graphed steps keep their static padded shapes.
+        self.pack = pack
         self.device = next(net.parameters()).device
 
     @torch.inference_mode()
@@ -40,13 +44,14 @@ class ModelRunner:
         g = self.graphs
         if g is not None and self.cache is not None and g.accepts(T):
             rows, S = g.buckets(B, max(w.key_end for w in windows))
-            x, valid = self.build(canvases, windows, tables, rows=rows, A=T, S=S)
+            x, valid = self.build(canvases, windows, tables, rows=rows, A=T, S=S, pack=False)
             return g(x)[:B, :A], valid[:B, :A]
         x, valid = self.build(canvases, windows, tables)
         return run_net(self.net, self.cache, x.to(self.device)), valid
 
     def build(self, canvases: list[torch.Tensor], windows: list[Window], tables: list[list[int]], *,
-              rows: int | None = None, A: int | None = None, S: int | None = None) -> tuple[StepInputs, torch.Tensor]:
+              rows: int | None = None, A: int | None = None, S: int | None = None,
+              pack: bool | None = None) -> tuple[StepInputs, torch.Tensor]:
         """The forward's host inputs and valid (rows, A). rows/A/S pad the batch, the logit positions
         and the keys beyond what the windows need (padded rows write to scratch page 0 and see key 0)."""
         B = len(windows)
@@ -89,5 +94,8 @@ class ModelRunner:
             mask = _allowed(self.cfg.attention, self.cfg.block_size, pos, kpos) & kvalid[:, None, :] & qvalid[:, :, None]
             # A padded query row would see no key at all and produce NaN; let it see key 0 instead.
             mask[:, :, 0] |= ~qvalid
-        x = StepInputs(ids, pos, prev if shift else None, gap if shift else None, mask, write, read, at)
+        packed = None
+        if (self.pack if pack is None else pack) and not bool(qvalid.all()):
+            packed = qvalid.flatten().nonzero().squeeze(1)
+        x = StepInputs(ids, pos, prev if shift else None, gap if shift else None, mask, write, read, at, packed)
         return x, avalid

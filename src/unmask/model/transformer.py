@@ -62,11 +62,17 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(cfg.d_model, self.n_kv * cfg.head_dim, bias=False)
         self.o_proj = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.d_model, bias=False)
 
-    def forward(self, x, cos, sin, mask, is_causal, layer: int, kv_cache: KVCache | None):
-        B, T, _ = x.shape
-        q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
-        k = self.k_proj(x).view(B, T, self.n_kv, self.head_dim).transpose(1, 2)
-        v = self.v_proj(x).view(B, T, self.n_kv, self.head_dim).transpose(1, 2)
+    def forward(self, x, cos, sin, mask, is_causal, layer: int, kv_cache: KVCache | None, packed=None):
+        """x: (B, T, d), or with `packed` (see Transformer.forward) the (N, d) rows of real tokens."""
+        if packed is None:
+            B, T, _ = x.shape
+            q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        else:
+            B, T, idx = packed
+            q, k, v = (_unpack(p(x), B * T, idx) for p in (self.q_proj, self.k_proj, self.v_proj))
+        q = q.view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
+        k = k.view(B, T, self.n_kv, self.head_dim).transpose(1, 2)
+        v = v.view(B, T, self.n_kv, self.head_dim).transpose(1, 2)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if kv_cache is not None:
             k, v = kv_cache.update(layer, k, v)
@@ -76,7 +82,13 @@ class Attention(nn.Module):
             y = F.scaled_dot_product_attention(
                 q, k, v, attn_mask=mask, is_causal=is_causal, enable_gqa=self.n_kv != self.n_heads
             )
-        return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
+        y = y.transpose(1, 2).reshape(B, T, -1)
+        return self.o_proj(y if packed is None else y.reshape(B * T, -1)[packed[2]])
+
+
+def _unpack(rows: torch.Tensor, n: int, idx: torch.Tensor) -> torch.Tensor:
+    """(N, C) rows of real tokens -> (n, C) with zeros at the padding positions."""
+    return rows.new_zeros(n, rows.shape[-1]).index_copy_(0, idx, rows)
 
 
 class MLP(nn.Module):
@@ -99,8 +111,8 @@ class Block(nn.Module):
         self.mlp_norm = nn.RMSNorm(cfg.d_model, eps=cfg.norm_eps)
         self.mlp = MLP(cfg)
 
-    def forward(self, x, cos, sin, mask, is_causal, kv_cache):
-        x = x + self.attn(self.attn_norm(x), cos, sin, mask, is_causal, self.layer, kv_cache)
+    def forward(self, x, cos, sin, mask, is_causal, kv_cache, packed=None):
+        x = x + self.attn(self.attn_norm(x), cos, sin, mask, is_causal, self.layer, kv_cache, packed)
         return x + self.mlp(self.mlp_norm(x))
 
 
@@ -149,6 +161,7 @@ class Transformer(nn.Module):
         logits_at: torch.Tensor | None = None,
         prev_idx: torch.Tensor | None = None,
         prev_gap: torch.Tensor | None = None,
+        packed: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """idx: (B, T) token ids -> logits (B, T, vocab), float32.
 
@@ -162,6 +175,10 @@ class Transformer(nn.Module):
         prev_idx, prev_gap: (B, T) the nearest visible token left of each position and its distance
         (`model/shift.py`), for `token_shift` models. Default: computed from idx, which is right
         only for a sequence that starts at position 0 (so they are required with a `kv_cache`).
+        packed: (N,) indices into the flattened (B*T) positions that hold real tokens, for a ragged
+        batch padded to T. Norms, projections and the MLP then run on those N rows only; attention
+        still sees the padded (B, T) layout. Padded positions' outputs are undefined, and
+        `logits_at` must point at real tokens.
         """
         B, T = idx.shape
         if positions is None:
@@ -193,9 +210,21 @@ class Transformer(nn.Module):
             # reads, and adding its left neighbour on top measured worse for the AR twin.
             is_mask = (idx == self.config.mask_token_id).unsqueeze(-1)
             x = torch.where(is_mask, x + self.prev_embed(prev_idx) + self.gap_embed(prev_gap), x)
+        pk = None
+        if packed is not None:
+            # Padding costs as much as real tokens in every matmul; a ragged engine batch can be
+            # half padding (rows at a block start carry two blocks, the others one).
+            pk = (B, T, packed)
+            x = x.reshape(B * T, -1)[packed]
         for layer in self.layers:
-            x = layer(x, cos, sin, attn_mask, is_causal, kv_cache)
-        if logits_at is not None:
+            x = layer(x, cos, sin, attn_mask, is_causal, kv_cache, pk)
+        if pk is not None:
+            where = torch.zeros(B * T, dtype=torch.long, device=x.device)
+            where[packed] = torch.arange(packed.numel(), device=x.device)
+            if logits_at is None:
+                logits_at = torch.arange(T, device=x.device)[logits_from:logits_to].expand(B, -1)
+            x = x[where.view(B, T).gather(1, logits_at)]
+        elif logits_at is not None:
             x = x.gather(1, logits_at.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
         else:
             x = x[:, logits_from:logits_to]
