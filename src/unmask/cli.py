@@ -48,20 +48,24 @@ def cmd_generate(a) -> None:
     model = load(a.model)
     prompt = a.prompt if a.prompt != "-" else sys.stdin.read()
     if a.reference:
+        from .engine.healing import ASCII_WHITESPACE, split_trailing_whitespace, unheal
         from .sampling import reference_generate
 
-        out = reference_generate(model, prompt, max_tokens=a.max_tokens, steps=a.steps, block_size=a.block_size,
+        # The reference sampler knows no constraints: it is healed as the evaluations heal it (the
+        # whitespace goes, the model rewrites it unconstrained, the text is taken relative to the prompt).
+        sent, ws = split_trailing_whitespace(prompt, ASCII_WHITESPACE) if a.heal else (prompt, "")
+        out = reference_generate(model, sent, max_tokens=a.max_tokens, steps=a.steps, block_size=a.block_size,
                                  temperature=a.temperature, top_p=a.top_p, policy=a.policy, suffix=a.suffix,
                                  seed=a.seed)
-        stats = dict(text=out.text, completion_tokens=out.completion_tokens, nfe=out.nfe, seconds=out.seconds,
-                     finish_reason=out.finish_reason)
+        stats = dict(text=unheal(out.text, ws), completion_tokens=out.completion_tokens, nfe=out.nfe,
+                     seconds=out.seconds, finish_reason=out.finish_reason)
     else:
         from .engine import Engine, SamplingParams
 
         engine = Engine(model, max_batch=1, quantize=a.quantize, cache=a.cache)
         params = SamplingParams(max_tokens=a.max_tokens, temperature=a.temperature, top_p=a.top_p, policy=a.policy,
                                 threshold=a.threshold, steps=a.steps, block_size=a.block_size, seed=a.seed,
-                                suffix=a.suffix, stop=a.stop)
+                                suffix=a.suffix, stop=a.stop, heal=a.heal)
         out = engine.generate([prompt], params)[0]
         stats = dict(text=out.text, completion_tokens=out.completion_tokens, nfe=out.nfe, seconds=out.seconds,
                      finish_reason=out.finish_reason, ttft=out.ttft)
@@ -256,6 +260,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--top-p", type=float, default=None)
     g.add_argument("--stop", action="append", default=None, help="stop string (repeatable)")
     g.add_argument("--suffix", default=None, help="text after the gap: fill in the middle")
+    g.add_argument("--no-heal", dest="heal", action="store_false",
+                   help="send a prompt that ends in a newline (plus indentation) as it is; by default that "
+                        "whitespace is taken off and the model rewrites it (prompt healing)")
     g.add_argument("--quantize", choices=["int8", "bf16"], default=None, help="quantize weights for serving")
     g.add_argument("--cache", default="auto", help="KV cache: auto, exact, prefix, dual or none")
     g.add_argument("--reference", action="store_true", help="use the slow reference sampler instead of the engine")

@@ -23,6 +23,7 @@ from ..errors import UserError
 from ..sampling.policies import ENTROPY, MARGIN, StepParams, propose_batch, select_commits
 from ..sampling.prompt import is_chat, layout_prompt
 from .cuda_graphs import GraphedForward, decode_limit
+from .healing import ASCII_WHITESPACE, HealMasks, split_trailing_whitespace
 from .kv_cache import PagedKVCache
 from .params import SamplingParams, resolve
 from .request import Request, RequestOutput
@@ -91,6 +92,7 @@ class Engine:
         self.runner = ModelRunner(self.net, cache_obj, cfg, graphs)
         self.scheduler = Scheduler(max_batch, cache_obj, self.attention, self.cache_mode,
                                    decode_window=decode_limit(cfg.attention, cfg.block_size) if cache_obj else 0)
+        self._heal_masks = HealMasks(model.tokenizer, cfg.vocab_size, model.device)
         self._ids = itertools.count()
         self._requests: dict[str, Request] = {}
         self.steps = 0
@@ -99,6 +101,9 @@ class Engine:
     def add_request(self, prompt, params: SamplingParams | None = None, request_id: str | None = None) -> str:
         """Validate and queue one request; raises UserError (and changes nothing) if it is bad."""
         params = params or SamplingParams()
+        ws = ""
+        if params.heal and isinstance(prompt, str):  # token ids and chats are taken as given
+            prompt, ws = split_trailing_whitespace(prompt, ASCII_WHITESPACE)
         head, tail = layout_prompt(self.model, prompt, params.suffix)
         s = resolve(self.model, params, len(head) + len(tail))
         if self.attention == "causal" and not head:
@@ -111,7 +116,12 @@ class Engine:
         seed = params.seed if params.seed is not None or s.temperature == 0 else secrets.randbits(63)
         # A chat turn ends at end-of-turn as well as at EOS.
         stop_ids = frozenset({self.eos_id, self.model.tokenizer.end_id} if is_chat(prompt) else {self.eos_id})
-        req = Request(rid, head, tail, s, seed, params.stream_canvas, self.refresh_interval, stop_ids)
+        heal_mask = self._heal_masks(ws) if ws else None
+        if heal_mask is None and ws:  # no token fits (not with a byte-level BPE): send it as given
+            head, tail = layout_prompt(self.model, prompt + ws, params.suffix)
+            s, ws = resolve(self.model, params, len(head) + len(tail)), ""
+        req = Request(rid, head, tail, s, seed, params.stream_canvas, self.refresh_interval, stop_ids,
+                      heal=ws, heal_mask=heal_mask)
         if self.cache is not None and req.length > self.cache.capacity_tokens:
             raise UserError(f"the request needs {req.length} tokens of KV cache but the engine's budget is "
                             f"{self.cache.capacity_tokens}; raise kv_budget_tokens or lower max_tokens")
@@ -162,7 +172,8 @@ class Engine:
         used = set(params.policy.tolist())
         prop = propose_batch(logits, self.mask_id, params.temperature, params.top_p,
                              [r.generator for r in reqs], valid=valid.to(logits.device),
-                             need_margin=MARGIN in used, need_entropy=ENTROPY in used)
+                             need_margin=MARGIN in used, need_entropy=ENTROPY in used,
+                             allowed=self._heal_constraint(reqs, windows))
         commit = select_commits(prop, masked.to(logits.device), params).cpu()
         tokens = prop.tokens.cpu()
         events = []
@@ -173,6 +184,16 @@ class Engine:
                 r.error = f"{type(e).__name__}: {e}"
                 events.append(self._finish(r, "error"))
         return events
+
+    def _heal_constraint(self, reqs: list[Request], windows):
+        """propose_batch's `allowed` for the rows whose first generated position is still open and
+        healed; None (nothing to pay) when there are none."""
+        at = [(i, j, r.heal_mask) for i, (r, w) in enumerate(zip(reqs, windows))
+              if r.heal_mask is not None and (j := r.heal_at(self.attention, w)) is not None]
+        if not at:
+            return None
+        rows, cols, masks = zip(*at)
+        return torch.tensor(rows), torch.tensor(cols), torch.stack(masks)
 
     def _advance(self, r: Request, w, commit: torch.Tensor, tokens: torch.Tensor) -> Event:
         r.after_forward(self.attention, self.cache_mode, w)
@@ -197,7 +218,7 @@ class Engine:
                     r.span_idx += 1
                     r._start_block()
         ids, _ = r.committed_prefix()
-        text = self.model.tokenizer.decode(ids, skip_special=True)
+        text = r.text_of(self.model.tokenizer.decode(ids, skip_special=True))
         if ids and r.first_token_at is None:
             r.first_token_at = time.perf_counter()
         for stop in r.s.stop:
@@ -222,11 +243,14 @@ class Engine:
     def _finish(self, r: Request, reason: str, text: str | None = None, committed: list[int] | None = None) -> Event:
         r.finish_reason, r.finished_at = reason, time.perf_counter()
         ids, _ = r.committed_prefix()
-        full = self.model.tokenizer.decode(ids, skip_special=True)
+        raw = self.model.tokenizer.decode(ids, skip_special=True)
+        full = r.text_of(raw)
         if text is None:
             text = full
         elif text != full:  # a stop string cut the text (not EOS, which keeps the generated ids)
-            ids = self.model.tokenizer.encode(text, allow_special=False) if text else []
+            # The ids are what the model wrote: the healed whitespace it rewrote, then the cut text.
+            written = raw[: len(raw) - len(full)] + text
+            ids = self.model.tokenizer.encode(written, allow_special=False) if written else []
         self.scheduler.retire(r)
         self._requests.pop(r.id, None)
         out = self._output(r, text, ids)

@@ -28,6 +28,9 @@ class SamplingParams:
     seed: int | None = None
     suffix: str | None = None  # fill-in-the-middle
     stream_canvas: bool = False  # stream the whole canvas at every step
+    # Prompt healing (engine/healing.py): a text prompt ending in a newline plus indentation is sent
+    # without that whitespace and the model rewrites it; the text comes back relative to the prompt.
+    heal: bool = True
 
 
 @dataclass(frozen=True)

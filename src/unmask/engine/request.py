@@ -9,6 +9,7 @@ import torch
 
 from ..sampling.noise import make_generator
 from ..sampling.schedule import block_spans, num_transfer_tokens, steps_per_block
+from .healing import unheal
 from .params import Resolved
 
 
@@ -53,6 +54,8 @@ class Request:
     stream_canvas: bool = False
     refresh_interval: int | None = None  # full-attention approximate cache: steps between refreshes
     stop_ids: frozenset[int] = frozenset()  # EOS, plus end-of-turn for chats
+    heal: str = ""  # prompt healing: the whitespace taken off the prompt, which the model rewrites
+    heal_mask: torch.Tensor | None = None  # (vocab,) bool: the tokens allowed first (set iff heal)
     arrival: float = field(default_factory=time.perf_counter)
     # runtime state, reset on preemption
     pages: list[int] = field(default_factory=list)
@@ -136,6 +139,21 @@ class Request:
         else:
             refreshed = window.start == 0 and window.end == self.length  # a full forward: every key is fresh
             self.since_refresh = 1 if refreshed else self.since_refresh + 1  # forwards since that refresh
+
+    def heal_at(self, attention: str, window: Window) -> int | None:
+        """The index, among this forward's logit positions, of the first generated position while
+        it is still open and the healing constraint applies to it; else None."""
+        if self.heal_mask is None:
+            return None
+        if attention == "causal":  # the one logit position predicts canvas[cur]
+            return 0 if self.cur == self.lo else None
+        if window.lo <= self.lo < window.hi and int(self.canvas[self.lo]) == self.mask_id:
+            return self.lo - window.lo
+        return None
+
+    def text_of(self, model_text: str) -> str:
+        """Generated text, relative to the prompt the user gave (see healing.unheal)."""
+        return unheal(model_text, self.heal)
 
     def block_done(self) -> bool:
         b, e = self.block

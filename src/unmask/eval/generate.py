@@ -18,6 +18,7 @@ import torch
 
 # Imported up front, not per call: a long benchmark must not pick up a half-edited module midway.
 from ..engine import Engine, SamplingParams
+from ..engine.healing import split_trailing_whitespace  # noqa: F401 (part of this module's surface)
 from ..sampling import layout_prompt, reference_generate
 
 
@@ -70,20 +71,6 @@ class Batch:
     extra: dict = field(default_factory=dict)
 
 
-def split_trailing_whitespace(prompt: str) -> tuple[str, str]:
-    """(prompt, "") or, when the prompt ends in whitespace that holds a newline, (the prompt without
-    it, that whitespace).
-
-    Why: the BPE merges a newline with the next line's indentation (`"\n   "` is one token), so a
-    prompt cut right after a newline ends in a bare newline token that training text almost never
-    continues with an indented line. Models then start a new top-level statement: measured on the
-    v3 models, every HumanEval body came back empty. Letting the model write the whitespace itself
-    is the usual remedy (code-evaluation harnesses strip their prompts for the same reason)."""
-    stripped = prompt.rstrip()
-    ws = prompt[len(stripped):]
-    return (stripped, ws) if stripped and "\n" in ws else (prompt, "")
-
-
 def _unheal(text: str, ws: str, stop: Sequence[str] | None) -> str:
     """A completion of the stripped prompt, as a completion of the original one, cut at stops."""
     if text.startswith(ws):
@@ -99,7 +86,9 @@ def run_tasks(model, tasks: Sequence[Task], decoding: Decoding, *, max_tokens: i
     """Generate one greedy completion per task; outputs in task order.
 
     heal: a prompt that ends in a newline (plus indentation) is sent without that whitespace, and
-    the model writes it (`split_trailing_whitespace`). Completions are returned relative to the
+    the model writes it (`split_trailing_whitespace`; engine/healing.py says why). It is done here,
+    and the engine is told heal=False, so that the reference sampler is healed the same way and the
+    numbers stay those of unconstrained decoding. Completions are returned relative to the
     original prompt. Such tasks get their stop strings applied afterwards, since the first thing
     they generate is a newline; they therefore run to max_tokens (or EOS).
     `extra["cpu_seconds"]`: CPU time this process used meanwhile (all threads); well below
@@ -130,7 +119,7 @@ def warm_up(model, decoding: Decoding, prompt: str = "def f(x):\n    return") ->
 def _sampling_params(decoding: Decoding, task: Task, max_tokens: int, stop):
     return SamplingParams(max_tokens=max_tokens, temperature=0.0, policy=decoding.policy,
                           threshold=decoding.threshold, steps=decoding.steps(max_tokens),
-                          stop=list(stop) if stop else None, suffix=task.suffix)
+                          stop=list(stop) if stop else None, suffix=task.suffix, heal=False)
 
 
 def _run_engine(model, tasks, decoding, max_tokens, concurrency, stops, max_batch, progress) -> Batch:

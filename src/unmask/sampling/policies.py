@@ -84,7 +84,8 @@ class Proposal:
 
 def propose_batch(logits: torch.Tensor, mask_id: int, temperature: torch.Tensor, top_p: torch.Tensor,
                   generators: Sequence[torch.Generator | None], valid: torch.Tensor | None = None,
-                  need_margin: bool = True, need_entropy: bool = True) -> Proposal:
+                  need_margin: bool = True, need_entropy: bool = True,
+                  allowed: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None) -> Proposal:
     """Candidate tokens and their statistics for a batch of windows.
 
     logits: (B, T, V), any float dtype (computed in float64). temperature, top_p: (B,) (tensors or
@@ -94,6 +95,9 @@ def propose_batch(logits: torch.Tensor, mask_id: int, temperature: torch.Tensor,
     what is proposed at invalid positions is unspecified.
     need_margin / need_entropy: False skips those full-vocabulary reductions (zeros are returned);
     pass False when no row of the batch uses the margin / entropy policy.
+    allowed: optional (rows, cols, ok): at logits[rows[j], cols[j]] only the tokens where ok[j] (V,)
+    is True may be proposed (a logit mask applied before everything else, so the statistics describe
+    the constrained distribution). The engine uses it for prompt healing's first position.
 
     Greedy rows (temperature 0) take the argmax (ties to the lowest id; top-p cannot change it) and
     never loop in Python. Sampling rows are looped over: top-p filter, then the Gumbel-max in float64,
@@ -109,6 +113,9 @@ def propose_batch(logits: torch.Tensor, mask_id: int, temperature: torch.Tensor,
         raise ValueError(f"need one generator entry per row: {len(generators)} for {B} rows")
     lg = logits.to(torch.float64, copy=True)
     lg[..., mask_id] = float("-inf")  # SUBS: [MASK] is never proposed, and carries no probability
+    if allowed is not None:
+        rows, cols, ok = (t.to(lg.device) for t in allowed)
+        lg[rows, cols] = lg[rows, cols].masked_fill(~ok, float("-inf"))
     probs = lg.softmax(-1)
     tokens = lg.argmax(-1)
 

@@ -65,7 +65,7 @@ def sampling_params(body, max_tokens: int | None, suffix: str | None) -> Samplin
     return SamplingParams(max_tokens=max_tokens, temperature=body.temperature, top_p=body.top_p,
                           policy=body.policy, threshold=body.threshold, steps=body.steps,
                           block_size=body.block_size, stop=body.stop, seed=body.seed, suffix=suffix,
-                          stream_canvas=body.diffusing)
+                          stream_canvas=body.diffusing, heal=getattr(body, "heal", True))
 
 
 async def run(request: Request, state, kind: str, body, prompt, suffix: str | None, max_tokens: int | None):

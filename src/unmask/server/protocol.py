@@ -47,7 +47,14 @@ class _Sampling(_Strict):
     diffusing: bool = Field(False, description="Stream the whole canvas at every step (needs stream).")
 
 
-class CompletionRequest(_Sampling):
+class _Healing(_Strict):
+    """Text prompts only (chats are rendered by the template and never end in the user's whitespace)."""
+
+    heal: bool = Field(True, description="Prompt healing: a prompt ending in a newline plus indentation is "
+                                         "sent without it and the model rewrites it; false sends it as is.")
+
+
+class CompletionRequest(_Sampling, _Healing):
     prompt: str | Annotated[list[int], Field(min_length=1)] | Annotated[list[str], Field(min_length=1, max_length=1)] \
         | Annotated[list[list[int]], Field(min_length=1, max_length=1)] = Field(
             ..., description="Text or token ids; one prompt per request.")
@@ -57,7 +64,7 @@ class CompletionRequest(_Sampling):
     best_of: int | None = None
 
 
-class FimRequest(_Sampling):
+class FimRequest(_Sampling, _Healing):
     """Inception Mercury's /v1/fim/completions: the code before and after the cursor."""
 
     prompt: str
