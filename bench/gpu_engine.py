@@ -126,7 +126,7 @@ def run_engine(model, prompts, sp, batch: int, graphs: bool, device: str) -> tup
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--model", required=True, help="the dLLM checkpoint directory")
+    ap.add_argument("--model", help="the dLLM checkpoint directory")
     ap.add_argument("--ar-model", help="an AR checkpoint directory (engine only)")
     ap.add_argument("--out", required=True, help="JSON file to write")
     ap.add_argument("--device", default="cuda")
@@ -179,7 +179,9 @@ def main() -> int:
             save()
             return None
 
-    models = [("dllm", args.model)] + ([("ar", args.ar_model)] if args.ar_model else [])
+    models = ([("dllm", args.model)] if args.model else []) + ([("ar", args.ar_model)] if args.ar_model else [])
+    if not models:
+        ap.error("give --model, --ar-model or both")
     for kind, path in models:
         try:
             model = unmask.load(path, device=dev, dtype=dtype)

@@ -45,8 +45,11 @@ def bench_run(models, tmp_path_factory):
     out = tmp_path_factory.mktemp("bench-results")
     old = torch.get_num_threads()
     try:
-        rc = main(["bench", "--model", str(models["block"]), "--ar-model", str(models["causal"]), "--quick",
-                   "--threads", "1", "--json", str(out / "bench.json")])
+        with pytest.MonkeyPatch.context() as mp:
+            # Every row must run here, also on CPUs where int8 is slow (see the skip test below).
+            mp.setattr("unmask.bench.harness.int8_speedup_cpu", lambda: 2.0)
+            rc = main(["bench", "--model", str(models["block"]), "--ar-model", str(models["causal"]), "--quick",
+                       "--threads", "1", "--json", str(out / "bench.json")])
     finally:
         torch.set_num_threads(old)
     assert rc == 0
@@ -147,3 +150,26 @@ def test_bench_user_errors(models, tmp_path, capsys):
                  "--length", "1000"]) == 2
     assert "context" in capsys.readouterr().err
     assert not (tmp_path / "b.json").exists()
+
+
+def test_int8_rows_skipped_where_int8_is_slow(models, tmp_path, monkeypatch, capsys):
+    """On a CPU without int8 dot-product instructions the int8 rows would time a slow kernel for most
+    of the run: they are skipped, and the table and JSON say why."""
+    from unmask.bench import configs as C
+
+    monkeypatch.setattr("unmask.bench.harness.int8_speedup_cpu", lambda: 0.125)
+    keep = {C.REFERENCE, "topk-L", C.MAIN, C.MAIN + "-int8", C.AR, C.AR + "-int8"}
+    monkeypatch.setattr(C, "CONFIGS", tuple(x for x in C.CONFIGS if x[1].name in keep))
+    old = torch.get_num_threads()
+    try:
+        rc = main(["bench", "--model", str(models["block"]), "--ar-model", str(models["causal"]), "--quick",
+                   "--threads", "1", "--json", str(tmp_path / "b.json")])
+    finally:
+        torch.set_num_threads(old)
+    assert rc == 0
+    res = json.loads((tmp_path / "b.json").read_text())
+    int8 = {C.MAIN + "-int8", C.AR + "-int8"}
+    assert {sk["config"] for sk in res["skipped"]} == int8
+    assert all("8.0x slower than fp32" in sk["reason"] for sk in res["skipped"])
+    assert {r["config"] for r in res["runs"]} == keep - int8
+    assert f"skipped {C.MAIN}-int8: int8 matmul measured 8.0x slower" in capsys.readouterr().out

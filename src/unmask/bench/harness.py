@@ -29,6 +29,7 @@ from ..eval.generate import Batch, Completion, Task, run_tasks, set_threads, war
 from ..eval.humaneval import evaluate_infill, infill_cases, load_problems, score_bodies, spread
 from ..eval.line_completion import line_tasks, load_heldout, score_lines
 from . import configs as C
+from ..engine.quantize import int8_speedup_cpu
 from .scoring import add_ratios, check_targets
 
 SCHEMA = "unmask.bench/1"
@@ -150,8 +151,14 @@ def run_bench(dllm, ar, wl: C.Workload, *, heldout=None, threads: int | None = N
     runs, lines, humaneval, infill, texts = [], {}, {}, {}, {}
     ex = dict(timeout=wl.timeout, workers=wl.workers, cache=exec_cache)
 
+    skipped = []
+    slow_int8 = _slow_int8(models.values())
     for system, dec in C.CONFIGS:
         model = models[system]
+        if dec.quantize == "int8" and slow_int8:
+            skipped.append({"config": dec.name, "reason": slow_int8})
+            log(f"[bench] {dec.name:14s} skipped: {slow_int8}")
+            continue
         t_cfg = time.perf_counter()
         warm_up(model, dec)
         if dec.sampler == "reference":
@@ -214,12 +221,26 @@ def run_bench(dllm, ar, wl: C.Workload, *, heldout=None, threads: int | None = N
         "configs": [{"name": d.name, "system": s, "sampler": d.sampler, "policy": d.policy, "threshold": d.threshold,
                      "steps_ratio": d.steps_ratio, "describe": d.describe()} for s, d in C.CONFIGS],
         "runs": runs, "lines": lines, "humaneval": humaneval, "infill": infill, "checks": checks,
+        "skipped": skipped,
     }
     result["targets"] = check_targets(result)
     result["machine"]["load_average_at_start"] = load_at_start
     result["machine"]["load_average"] = list(os.getloadavg()) if hasattr(os, "getloadavg") else None
     result["seconds"] = time.perf_counter() - t_start
     return result
+
+
+def _slow_int8(models) -> str | None:
+    """Why the int8 rows would only measure a slow CPU kernel, or None. On a CPU without int8
+    dot-product instructions they run many times slower than fp32 (quantize.int8_speedup_cpu) and
+    would take most of the run's time."""
+    if any(m.device.type != "cpu" for m in models):
+        return None
+    x = int8_speedup_cpu()
+    if x >= 1.0:
+        return None
+    return (f"int8 matmul measured {1 / x:.1f}x slower than fp32 on this CPU "
+            f"({torch.backends.cpu.get_cpu_capability()}, no int8 dot-product instructions)")
 
 
 def _full_humaneval(model, dec, wl: C.Workload, speed_problems, speed_texts, ex) -> dict:

@@ -78,6 +78,8 @@ def format_table(result: dict) -> str:
         if t.get("note") and t.get("applies", True):
             extra += f" [{t['note']}]"
         out.append(f"target {mark:7s} {t['text']}{extra}")
+    for sk in result.get("skipped", []):
+        out.append(f"skipped {sk['config']}: {sk['reason']}")
     out.append(f"total {result['seconds']:.1f} s")
     return "\n".join(out)
 
