@@ -13,6 +13,7 @@ import torch
 
 import unmask
 from conftest import random_pretrained
+from test_engine import run_loop
 from test_server_support import live, tiny, tiny_dir  # noqa: F401  (fixtures)
 from unmask.cli import main
 from unmask.engine import Engine, SamplingParams
@@ -251,18 +252,10 @@ def test_batch_invariance_with_healed_and_plain_requests_mixed(make, attention, 
             items.append((rng.randint(0, 3), prompt, sp))
         engine = Engine(model, cache=cache, max_batch=4)
         alone = [engine.generate([p], sp)[0] for _, p, sp in items]
-        order, rid_of, outs, step = sorted(range(len(items)), key=lambda i: items[i][0]), {}, {}, 0
-        while order or engine.has_work():
-            while order and items[order[0]][0] <= step:
-                i = order.pop(0)
-                rid_of[engine.add_request(items[i][1], items[i][2])] = i
-            for ev in engine.step():
-                if ev.finished:
-                    outs[rid_of[ev.request_id]] = ev.output
-            multi += engine.num_running > 1
-            step += 1
-        for i, a in enumerate(alone):
-            b = outs[i]
+        running = []
+        outs = run_loop(engine, items, on_step=lambda e: running.append(e.num_running))
+        multi += sum(n > 1 for n in running)
+        for i, (a, b) in enumerate(zip(alone, outs)):
             assert (a.text, a.token_ids, a.finish_reason, a.nfe) == (b.text, b.token_ids, b.finish_reason, b.nfe), \
                 (mix, i, items[i])
     assert multi  # the mixes really were batched
