@@ -266,6 +266,19 @@ def test_psm_infill_for_block_and_causal(fresh, tok, attention):
     assert out.prompt_tokens == len(head) and out.completion_tokens == 6
 
 
+@pytest.mark.parametrize("attention", ["block", "causal"])
+def test_spm_infill_follows_the_models_generation_config(fresh, tok, attention):
+    """A model trained suffix-prefix-middle is prompted that way: the prefix runs straight into the middle."""
+    model = fresh(attention)
+    model.generation = model.generation.model_copy(update={"fim_layout": "spm"})
+    calls = instrument(model, no_eos(model))
+    prefix, suffix = "def add(a, b):\n", "\n\nclass Stack:\n"
+    out = reference_generate(model, prefix, suffix=suffix, max_tokens=6)
+    head = [tok.fim_suffix_id, *tok.encode(suffix), tok.fim_prefix_id, *tok.encode(prefix)]
+    assert calls[0][: len(head)].tolist() == head
+    assert out.prompt_tokens == len(head) and out.completion_tokens == 6
+
+
 @pytest.mark.parametrize("attention", ["full", "block", "causal"])
 @pytest.mark.parametrize("temperature", [0.0, 1.0])
 def test_never_predicts_mask(fresh, attention, temperature):

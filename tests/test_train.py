@@ -15,6 +15,7 @@ from safetensors.torch import load_file
 
 from corpus_util import write_tiny_corpus
 from unmask.errors import UserError
+from unmask.tokenizer import Tokenizer
 
 CONFIG = """
 [model]
@@ -208,7 +209,46 @@ def test_fim_rate_reaches_the_batches(tmp_path, corpus, monkeypatch):
     cfg = write_config(tmp_path / "c.toml", corpus, "ar", steps=2)
     cfg.write_text(cfg.read_text().replace("seq_len = 32", "seq_len = 32\nfim_rate = 0.5"))
     trainer.train(cfg, tmp_path / "run")
-    assert seen and all(s == (0.5, (3, 4, 5)) for s in seen)
+    assert seen and all(s[0] == 0.5 and (s[1].prefix_id, s[1].suffix_id, s[1].middle_id) == (3, 4, 5)
+                        and s[1].end_id is None and s[1].line_starts is None for s in seen)
+    seen.clear()
+    cfg.write_text(cfg.read_text().replace("fim_rate = 0.5", "fim_rate = 0.5\nfim_end = true\nfim_line_rate = 0.5\n"
+                                                             'fim_layout = "spm"'))
+    final = trainer.train(cfg, tmp_path / "run2")
+    tok = Tokenizer.from_file(corpus / "tokenizer.json")
+    spec = seen[0][1]
+    assert spec.end_id == tok.eos_id and spec.line_rate == 0.5 and spec.layout == "spm"
+    # the export tells the samplers which layout to prompt the model with
+    assert json.loads((final / "generation_config.json").read_text())["fim_layout"] == "spm"
+    assert [i for i in range(tok.vocab_size) if spec.line_starts[i]] == \
+        [i for i in range(tok.vocab_size) if tok.decode([i], skip_special=True).startswith("\n")] != []
+
+
+def test_init_from_starts_a_fine_tune_from_saved_weights(tmp_path, corpus):
+    from unmask.train import trainer
+
+    base = trainer.train(write_config(tmp_path / "a.toml", corpus, "ar", steps=2), tmp_path / "a")
+    # lr 0: the fine-tune cannot move, so its export must be the weights it started from
+    cfg = write_config(tmp_path / "b.toml", corpus, "ar", steps=2, extra=f'init_from = "{base}"')
+    cfg.write_text(cfg.read_text().replace("lr = 3e-3", "lr = 0.0\nmin_lr = 0.0"))
+    tuned = trainer.train(cfg, tmp_path / "b")
+    wa, wb = load_file(base / "model.safetensors"), load_file(tuned / "model.safetensors")
+    assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
+    # the same run without init_from keeps its random start, which the base run had moved away from
+    plain = write_config(tmp_path / "c.toml", corpus, "ar", steps=2)
+    plain.write_text(cfg.read_text().replace(f'init_from = "{base}"', ""))
+    scratch = load_file(trainer.train(plain, tmp_path / "c") / "model.safetensors")
+    assert not torch.equal(scratch["embed.weight"], wa["embed.weight"])
+
+
+def test_init_from_rejects_a_different_architecture(tmp_path, corpus):
+    from unmask.train import trainer
+
+    base = trainer.train(write_config(tmp_path / "a.toml", corpus, "ar", steps=1), tmp_path / "a")
+    cfg = write_config(tmp_path / "b.toml", corpus, "ar", steps=1, extra=f'init_from = "{base}"')
+    cfg.write_text(cfg.read_text().replace("d_model = 32", "d_model = 64"))
+    with pytest.raises(UserError, match=r"init_from=.* has d_model=32 but \[model\] gives 64"):
+        trainer.train(cfg, tmp_path / "b")
 
 
 def test_wsd_schedule_is_flat_until_its_decay_so_raising_max_steps_keeps_every_step_taken():

@@ -108,12 +108,21 @@ class GenerationConfig(Strict):
     max_tokens: int = 128
     temperature: float = 0.0
     top_p: float = 1.0
+    # How a block or causal model is shown a fill-in-the-middle request: the layout it was trained
+    # on (data.fim_layout; train/batches.py FimSpec has both).
+    fim_layout: Literal["psm", "spm"] = "psm"
 
 
 class DataConfig(Strict):
     dir: str = "corpus/default"
     seq_len: int = 256
     fim_rate: float = Field(0.0, ge=0.0, le=1.0)  # share of training windows rearranged prefix-suffix-middle
+    # End each middle with EOS. Without it a model never learns where an infill stops (version 3's
+    # models filled a HumanEval line 0 times in 164).
+    fim_end: bool = False
+    fim_line_rate: float = Field(0.0, ge=0.0, le=1.0)  # share of FIM windows cut at line starts
+    fim_max_lines: int = Field(3, ge=1)  # such a middle is 1..fim_max_lines whole lines
+    fim_layout: Literal["psm", "spm"] = "psm"  # stored in the export's generation_config.json
     # Train on the first N tokens of the split only (0: all of it). Windows are drawn from the array the
     # trainer sees, so a run on a prefix is reproducible from the full corpus.
     train_tokens: int = Field(0, ge=0)
@@ -159,6 +168,9 @@ class LoopConfig(Strict):
     compile: bool = False  # torch.compile the model (measured: ~5% on the 2-core CPU, more on GPU)
     ema: float = Field(0.0, ge=0.0, lt=1.0)  # EMA decay; 0 disables
     peak_tflops: float = 0.0  # for MFU on devices the trainer does not know; 0 -> known GPUs only
+    # Fine-tune: start from this model directory's weights (its architecture must equal [model]);
+    # the optimizer, schedule and step count start afresh. "" trains from scratch.
+    init_from: str = ""
 
 
 class TrainConfig(Strict):

@@ -36,8 +36,10 @@ def layout_prompt(model, prompt, suffix: str | None = None) -> tuple[list[int], 
     """(head, tail): the canvas is head + [MASK] * max_tokens + tail.
 
     Without a suffix the tail is empty. With one (fill-in-the-middle), a full-attention model sees it
-    natively after the masks; block and causal models cannot look ahead, so they get the PSM format
-    `<|fim_prefix|> prefix <|fim_suffix|> suffix <|fim_middle|>` as the head and generate the middle.
+    natively after the masks; block and causal models cannot look ahead, so the head is the layout
+    the model was trained on (its generation config's `fim_layout`), and they generate the middle:
+    PSM `<|fim_prefix|> prefix <|fim_suffix|> suffix <|fim_middle|>` or SPM
+    `<|fim_suffix|> suffix <|fim_prefix|> prefix`.
     """
     tok = model.tokenizer
     if suffix is not None and is_chat(prompt):
@@ -50,4 +52,6 @@ def layout_prompt(model, prompt, suffix: str | None = None) -> tuple[list[int], 
     tail = list(tok.encode(suffix, allow_special=False))
     if model.config.attention == "full":
         return head, tail
+    if model.generation.fim_layout == "spm":
+        return [tok.fim_suffix_id, *tail, tok.fim_prefix_id, *head], []
     return [tok.fim_prefix_id, *head, tok.fim_suffix_id, *tail, tok.fim_middle_id], []

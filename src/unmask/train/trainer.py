@@ -8,6 +8,7 @@ import math
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
@@ -18,7 +19,7 @@ from ..errors import UserError
 from ..eval.bpb import bits_per_byte
 from ..model import Transformer
 from . import distributed
-from .batches import global_batch
+from .batches import FimSpec, global_batch
 from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from .ema import EMA
 from .flops import flops_per_token, peak_flops
@@ -53,6 +54,35 @@ def make_optimizer(net: torch.nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
 def model_config(cfg: TrainConfig, tok) -> ModelConfig:
     return ModelConfig(**cfg.model.model_dump(), vocab_size=tok.vocab_size, mask_token_id=tok.mask_id,
                        eos_token_id=tok.eos_id, pad_token_id=tok.pad_id)
+
+
+def fim_spec(cfg: TrainConfig, tok) -> FimSpec:
+    line_starts = None
+    if cfg.data.fim_rate > 0 and cfg.data.fim_line_rate > 0:
+        texts = tok.decode_batch([[i] for i in range(tok.vocab_size)], skip_special=True)
+        line_starts = np.array([t.startswith("\n") for t in texts], dtype=bool)
+    return FimSpec(tok.fim_prefix_id, tok.fim_suffix_id, tok.fim_middle_id,
+                   end_id=tok.eos_id if cfg.data.fim_end else None, line_starts=line_starts,
+                   line_rate=cfg.data.fim_line_rate, max_lines=cfg.data.fim_max_lines, layout=cfg.data.fim_layout)
+
+
+def init_weights(net: Transformer, path: Path, config, tok) -> None:
+    """Copy a saved model's weights into `net` (a fine-tune's start), in full precision."""
+    from ..pretrained import load
+
+    src = load(path)
+    ids = [[i] for i in range(max(tok.vocab_size, src.tokenizer.vocab_size))]
+    if tok.vocab_size != src.tokenizer.vocab_size or tok.decode_batch(ids) != src.tokenizer.decode_batch(ids):
+        raise UserError(f"{config}: train.init_from={path} has a different tokenizer from the corpus's; "
+                        "fine-tune on a corpus built with that model's tokenizer.json")
+    mine, theirs = net.config.model_dump(), src.config.model_dump()
+    diff = sorted(k for k in mine if mine[k] != theirs.get(k))
+    if diff:
+        k = diff[0]
+        raise UserError(f"{config}: train.init_from={path} has {k}={theirs.get(k)!r} but [model] gives "
+                        f"{mine[k]!r}; make [model] match the model you fine-tune")
+    with torch.no_grad():
+        net.load_state_dict({k: v.float() for k, v in src.net.state_dict().items()})
 
 
 def _split_sizes(cfg: TrainConfig, world: int) -> tuple[int, int]:
@@ -99,8 +129,11 @@ def train(config: str | Path, out: str | Path, max_steps: int | None = None, res
         raise UserError(f"{config}: data.seq_len must be a multiple of model.block_size={mcfg.block_size}")
     micro, accum = _split_sizes(cfg, d.world)
 
+    fim = fim_spec(cfg, tok)
     torch.manual_seed(cfg.train.seed)
     net = Transformer(mcfg).to(d.device)
+    if cfg.train.init_from and not (resume and latest_checkpoint(ckpt_root) is not None):
+        init_weights(net, Path(cfg.train.init_from), config, tok)
     opt = make_optimizer(net, cfg)
     ema = EMA(net, cfg.train.ema) if cfg.train.ema > 0 else None
     start = 0
@@ -134,7 +167,7 @@ def train(config: str | Path, out: str | Path, max_steps: int | None = None, res
             g["lr"] = lr
         x0, noise = global_batch(train_tokens, cfg.data.seq_len, cfg.train.batch_size, cfg.train.seed, step,
                                  mcfg.objective, mcfg.block_size, cfg.diffusion.eps, cfg.diffusion.antithetic,
-                                 cfg.data.fim_rate, (tok.fim_prefix_id, tok.fim_suffix_id, tok.fim_middle_id))
+                                 cfg.data.fim_rate, fim)
         loss_sum = torch.zeros((), device=d.device)
         for a in range(accum):
             lo = (d.rank * accum + a) * micro
@@ -221,7 +254,8 @@ def _export(net: Transformer, tok, cfg: TrainConfig, out: Path, ema: EMA | None 
     """Export the weights, or the EMA's when one is given."""
     from ..pretrained import save
 
-    gen = cfg.generation.model_copy(update={"block_size": net.config.block_size}) \
-        if net.config.attention == "block" else cfg.generation
+    gen = cfg.generation.model_copy(update={"fim_layout": cfg.data.fim_layout})
+    if net.config.attention == "block":
+        gen = gen.model_copy(update={"block_size": net.config.block_size})
     with ema.swapped_in(net) if ema is not None else contextlib.nullcontext():
         save(net, out, tokenizer=tok, generation=gen, dtype=torch.float32)
