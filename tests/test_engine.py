@@ -137,6 +137,25 @@ def test_uncached_engine_equals_reference_text_and_infill(models):
         assert (out.token_ids, out.text, out.nfe) == (ref.token_ids, ref.text, ref.nfe)
 
 
+@pytest.mark.parametrize("layout", ["psm", "spm"])
+@pytest.mark.parametrize("attention", ["block", "causal"])
+def test_cached_engine_infill_equals_reference_in_the_models_fim_layout(fresh, tok, attention, layout):
+    model = fresh(attention)
+    model.generation = model.generation.model_copy(update={"fim_layout": layout})
+    prefix, suffix = "def add(a, b):", "\n    return c\n"
+    engine = Engine(model)
+    rid = engine.add_request(prefix, SamplingParams(max_tokens=8, steps=8, block_size=4, suffix=suffix, heal=False))
+    pre, suf = tok.encode(prefix), tok.encode(suffix)
+    want = ([tok.fim_suffix_id, *suf, tok.fim_prefix_id, *pre] if layout == "spm"
+            else [tok.fim_prefix_id, *pre, tok.fim_suffix_id, *suf, tok.fim_middle_id])
+    assert engine._requests[rid].head == want
+    out = {}
+    while engine.has_work():
+        out.update({e.request_id: e.output for e in engine.step() if e.finished})
+    ref = reference_generate(model, prefix, suffix=suffix, max_tokens=8, steps=8, block_size=4)
+    assert out[rid].token_ids == ref.token_ids
+
+
 @pytest.mark.parametrize("attention", ["block", "full", "causal"])
 def test_uncached_engine_equals_reference_seeded_sampling(models, attention):
     model = models[attention]
