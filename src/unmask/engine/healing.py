@@ -59,8 +59,7 @@ class HealMasks:
     def texts(self) -> list[str]:
         """Each token's own text (special tokens: empty, so they are never allowed)."""
         if self._texts is None:
-            n = min(self.tokenizer.vocab_size, self.vocab_size)
-            self._texts = self.tokenizer.decode_batch([[i] for i in range(n)], skip_special=True)
+            self._texts = self.tokenizer.token_texts()[: self.vocab_size]
         return self._texts
 
     def __call__(self, ws: str) -> torch.Tensor | None:

@@ -126,6 +126,14 @@ class Tokenizer:
             [[int(i) for i in s] for s in seqs], skip_special_tokens=skip_special
         )
 
+    def token_texts(self) -> list[str]:
+        """Each id's own text, in id order; special tokens are empty."""
+        return self.decode_batch([[i] for i in range(self.vocab_size)], skip_special=True)
+
+    def same_as(self, other: "Tokenizer") -> bool:
+        """Whether both tokenize identically (the same vocabulary, merges and specials)."""
+        return self._tok.to_str() == other._tok.to_str()
+
     def id_of(self, token: str) -> int:
         i = self._tok.token_to_id(token)
         if i is None:

@@ -59,8 +59,7 @@ def model_config(cfg: TrainConfig, tok) -> ModelConfig:
 def fim_spec(cfg: TrainConfig, tok) -> FimSpec:
     line_starts = None
     if cfg.data.fim_rate > 0 and cfg.data.fim_line_rate > 0:
-        texts = tok.decode_batch([[i] for i in range(tok.vocab_size)], skip_special=True)
-        line_starts = np.array([t.startswith("\n") for t in texts], dtype=bool)
+        line_starts = np.array([t.startswith("\n") for t in tok.token_texts()], dtype=bool)
     return FimSpec(tok.fim_prefix_id, tok.fim_suffix_id, tok.fim_middle_id,
                    end_id=tok.eos_id if cfg.data.fim_end else None, line_starts=line_starts,
                    line_rate=cfg.data.fim_line_rate, max_lines=cfg.data.fim_max_lines, layout=cfg.data.fim_layout)
@@ -71,8 +70,7 @@ def init_weights(net: Transformer, path: Path, config, tok) -> None:
     from ..pretrained import load
 
     src = load(path)
-    ids = [[i] for i in range(max(tok.vocab_size, src.tokenizer.vocab_size))]
-    if tok.vocab_size != src.tokenizer.vocab_size or tok.decode_batch(ids) != src.tokenizer.decode_batch(ids):
+    if not tok.same_as(src.tokenizer):
         raise UserError(f"{config}: train.init_from={path} has a different tokenizer from the corpus's; "
                         "fine-tune on a corpus built with that model's tokenizer.json")
     mine, theirs = net.config.model_dump(), src.config.model_dump()
@@ -132,12 +130,13 @@ def train(config: str | Path, out: str | Path, max_steps: int | None = None, res
     fim = fim_spec(cfg, tok)
     torch.manual_seed(cfg.train.seed)
     net = Transformer(mcfg).to(d.device)
-    if cfg.train.init_from and not (resume and latest_checkpoint(ckpt_root) is not None):
+    ck = latest_checkpoint(ckpt_root) if resume else None
+    if cfg.train.init_from and ck is None:  # a resumed fine-tune continues from its checkpoint
         init_weights(net, Path(cfg.train.init_from), config, tok)
     opt = make_optimizer(net, cfg)
     ema = EMA(net, cfg.train.ema) if cfg.train.ema > 0 else None
     start = 0
-    if resume and (ck := latest_checkpoint(ckpt_root)) is not None:
+    if ck is not None:
         start = load_checkpoint(ck, net, opt, ema)["step"]
     model = DDP(net) if d.world > 1 else net
     if cfg.train.compile:
