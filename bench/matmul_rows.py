@@ -1,6 +1,7 @@
 """What a linear layer costs at the few rows an engine step carries, on this CPU.
 
     .venv/bin/python bench/matmul_rows.py [--threads 2]
+    .venv/bin/python bench/matmul_rows.py --model [models/unmask-coder]
 
 A dLLM step at batch 1 multiplies 4-8 rows (its block, plus the finished block at a block start)
 by every weight matrix; an AR step multiplies one. If the BLAS were bound by reading the weights,
@@ -8,6 +9,11 @@ both would cost about the same. The table says how far this machine is from that
 of the default models (d_model 512, SwiGLU 1408, vocabulary 8192), with torch's own F.linear and
 with a oneDNN linear whose weights are packed once up front (torch.utils.mkldnn).
 Best of 3 repeats of 400 calls each.
+
+--model: every linear layer of a saved model, called in turn as one forward pass calls them, so the
+weights come from memory and not from cache (one layer alone fits in L2/L3 and flatters the
+kernel): fp32 F.linear against the engine's int8 weight-only layer (engine/quantize.py), ms per
+pass at each row count. Best of 5.
 """
 from __future__ import annotations
 
@@ -37,8 +43,12 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--rows", type=int, nargs="*", default=[1, 4, 8])
+    ap.add_argument("--model", nargs="?", const="models/unmask-coder", default=None,
+                    help="time a whole model's linear layers, fp32 against int8 weight-only")
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
+    if a.model:
+        return whole_model(a.model, a.rows)
     print(f"{'layer':8} {'in':>5} {'out':>5} {'rows':>4} {'F.linear us':>12} {'x rows 1':>9} {'oneDNN packed us':>17}")
     for name, k, n in SHAPES:
         lin = torch.nn.Linear(k, n, bias=False)
@@ -51,6 +61,29 @@ def main() -> None:
             one = one or t
             tp = best_us(lambda: packed(x.to_mkldnn()).to_dense())
             print(f"{name:8} {k:5} {n:5} {m:4} {t:12.1f} {t / one:9.2f} {tp:17.1f}", flush=True)
+
+
+def whole_model(path: str, rows: list[int]) -> None:
+    import unmask
+    from unmask.engine.quantize import Int8WeightOnlyLinear
+
+    net = unmask.load(path).net
+    fp = [m for m in net.modules() if isinstance(m, torch.nn.Linear)]
+    q = [Int8WeightOnlyLinear(m) for m in fp]
+    mb = sum(m.weight.numel() for m in fp) * 4 / 1e6
+    print(f"{path}: {len(fp)} linear layers, {mb:.1f} MB of fp32 weights")
+    print(f"{'rows':>4} {'fp32 ms':>8} {'int8wo ms':>10} {'speedup':>8}")
+    for m in rows:
+        xs = {k: torch.randn(m, k) for k in {layer.in_features for layer in fp}}
+
+        def chain(layers):
+            def run():
+                for layer in layers:
+                    layer(xs[layer.in_features])
+            return run
+        t32 = best_us(chain(fp), n=1, repeats=5) / 1e3
+        t8 = best_us(chain(q), n=1, repeats=5) / 1e3
+        print(f"{m:4} {t32:8.2f} {t8:10.2f} {t32 / t8:8.2f}", flush=True)
 
 
 if __name__ == "__main__":

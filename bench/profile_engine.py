@@ -1,6 +1,7 @@
 """Where an engine step spends its time, at batch 1 and 16, for the dLLM and the AR twin.
 
-    .venv/bin/python bench/profile_engine.py [--threads 2] [--tokens 128] [--rows 12]
+    .venv/bin/python bench/profile_engine.py [--threads 2] [--tokens 128] [--rows 12] [--batches 1 16]
+                                             [--quantize int8wo] [--no-profile]
 
 For each model and batch it prints: tok/s and TPF, then the step split into phases (runner
 input building, model forward, policy, per-request bookkeeping), measured with wall clocks around
@@ -47,8 +48,8 @@ def instrument():
     runner_mod.ModelRunner.forward = timed("runner (incl. model forward)", runner_mod.ModelRunner.forward)
 
 
-def run(model, batch: int, tokens: int, rows: int, diffusion: dict):
-    engine = unmask.Engine(model, max_batch=16)
+def run(model, batch: int, tokens: int, rows: int, diffusion: dict, quantize: str | None, table: bool):
+    engine = unmask.Engine(model, max_batch=16, quantize=quantize)
     params = unmask.SamplingParams(max_tokens=tokens, **diffusion)
     engine.generate(PROMPTS[:batch], unmask.SamplingParams(max_tokens=16, **diffusion))  # warm-up
     phase.clear()
@@ -58,7 +59,7 @@ def run(model, batch: int, tokens: int, rows: int, diffusion: dict):
     dt = time.perf_counter() - t0
     n = sum(o.completion_tokens for o in outs)
     nfe = sum(o.nfe for o in outs)
-    print(f"\n### {model.config.objective}, batch {batch}: {n / dt:.1f} tok/s, TPF {n / max(nfe, 1):.2f}, "
+    print(f"\n### {model.config.objective}{', ' + quantize if quantize else ''}, batch {batch}: {n / dt:.1f} tok/s, TPF {n / max(nfe, 1):.2f}, "
           f"{engine.steps - steps0} steps in {dt:.2f} s ({1000 * dt / max(engine.steps - steps0, 1):.1f} ms/step)")
     whole = phase["whole step"]
     for k in ("runner (incl. model forward)", "model forward", "policy (propose)", "policy (select)",
@@ -68,7 +69,9 @@ def run(model, batch: int, tokens: int, rows: int, diffusion: dict):
         - phase["per-request advance + detokenize"]
     print(f"  {'scheduler + step glue':34s} {rest:7.3f} s  {100 * rest / whole:5.1f}%")
     print(f"  {'runner input building':34s} {phase['runner (incl. model forward)'] - phase['model forward']:7.3f} s")
-    engine = unmask.Engine(model, max_batch=16)
+    if not table:
+        return
+    engine = unmask.Engine(model, max_batch=16, quantize=quantize)
     with profile(activities=[ProfilerActivity.CPU]) as prof:
         engine.generate(PROMPTS[:batch], unmask.SamplingParams(max_tokens=min(tokens, 64), **diffusion))
     print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=rows, max_name_column_width=40))
@@ -80,14 +83,17 @@ def main():
     ap.add_argument("--tokens", type=int, default=128)
     ap.add_argument("--rows", type=int, default=12)
     ap.add_argument("--models", nargs="*", default=["models/unmask-coder", "models/unmask-coder-ar"])
+    ap.add_argument("--batches", type=int, nargs="*", default=[1, 16])
+    ap.add_argument("--quantize", default=None, help="engine weight quantization (int8, int8wo, bf16)")
+    ap.add_argument("--no-profile", action="store_true", help="wall-clock phases only, no operator table")
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
     instrument()
     for path in a.models:
         model = unmask.load(path)
         diffusion = {} if model.config.attention == "causal" else {"policy": "threshold", "threshold": 0.9}
-        for batch in (1, 16):
-            run(model, batch, a.tokens, a.rows, diffusion)
+        for batch in a.batches:
+            run(model, batch, a.tokens, a.rows, diffusion, a.quantize, not a.no_profile)
 
 
 if __name__ == "__main__":

@@ -97,8 +97,10 @@ def test_ratios_use_the_right_baselines(bench_run):
     idx = {(r["config"], r["concurrency"]): r for r in res["runs"]}
     for r in res["runs"]:
         c, x = r["concurrency"], r["ratios"]
-        ref, ar, one = idx[("reference", c)], idx[("ar", c)], idx[(r["config"], 1)]
-        assert x["reference_run"] == ["reference", c] and x["ar_run"] == ["ar", c]
+        # the AR twin with the same weights: quantization speeds up both sides of the ratio or neither
+        ar_name = next((f"ar-{q}" for q in ("int8wo", "int8") if r["config"].endswith("-" + q)), "ar")
+        ref, ar, one = idx[("reference", c)], idx[(ar_name, c)], idx[(r["config"], 1)]
+        assert x["reference_run"] == ["reference", c] and x["ar_run"] == [ar_name, c]
         assert x["speedup_vs_reference"] == pytest.approx(r["metrics"]["tok_s"] / ref["metrics"]["tok_s"])
         assert x["speedup_vs_ar"] == pytest.approx(r["metrics"]["tok_s"] / ar["metrics"]["tok_s"])
         assert x["scaling_vs_batch1"] == pytest.approx(r["metrics"]["tok_s"] / one["metrics"]["tok_s"])
@@ -106,6 +108,7 @@ def test_ratios_use_the_right_baselines(bench_run):
         assert dq["line_exact_match"] == pytest.approx(100 * (r["quality"]["line_exact_match"]
                                                               - ar["quality"]["line_exact_match"]))
     assert idx[("ar", 16)]["ratios"]["speedup_vs_ar"] == pytest.approx(1.0)
+    assert idx[("ar-int8wo", 16)]["ratios"]["speedup_vs_ar"] == pytest.approx(1.0)
     # the reference runs once: its 4- and 16-concurrent rows share its throughput
     assert idx[("reference", 16)]["metrics"]["tok_s"] == idx[("reference", 1)]["metrics"]["tok_s"]
 

@@ -104,6 +104,38 @@ def test_missing_train_config(tmp_path):
 
 def test_every_subcommand_has_help():
     for args in (["--help"], ["generate", "--help"], ["train", "--help"], ["data", "build", "--help"],
-                 ["tokenizer", "train", "--help"], ["eval", "bpb", "--help"]):
+                 ["tokenizer", "train", "--help"], ["eval", "bpb", "--help"], ["finetune", "--help"]):
         r = cli(*args)
         assert r.returncode == 0 and "usage:" in r.stdout, args
+
+
+def test_quantized_reference_eval_is_refused(model_dir):
+    assert_user_error(cli("eval", "lines", "--model", str(model_dir), "--reference", "--quantize", "int8wo"),
+                      "--quantize applies to the engine")
+
+
+def test_generate_with_int8_weights(model_dir):
+    r = cli("generate", "--model", str(model_dir), "--quantize", "int8wo", "--json", "def add(")
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)["nfe"] >= 1
+
+
+def test_finetune_cli(model_dir, tmp_path):
+    data = tmp_path / "d.jsonl"
+    data.write_text("".join(json.dumps({"prompt": "def add(a, b):", "completion": f"\n    return a + {i}"}) + "\n"
+                            for i in range(6)))
+    r = cli("finetune", "--model", str(model_dir), "--data", str(data), "--out", str(tmp_path / "ft"),
+            "--epochs", "1", "--batch-size", "2", "--val-frac", "0.34", "--json")
+    assert r.returncode == 0, r.stderr
+    s = json.loads(r.stdout)
+    assert s["steps"] == 2 and s["held_out_examples"] == 2 and s["held_out_loss_after"] > 0
+    assert cli("generate", "--model", str(tmp_path / "ft"), "--max-tokens", "4", "def").returncode == 0
+    # a second run into the same directory, a broken line, a bad setting: one line each
+    assert_user_error(cli("finetune", "--model", str(model_dir), "--data", str(data), "--out", str(tmp_path / "ft")),
+                      "already exists")
+    data.write_text('{"prompt": "a", "completion": "b"}\n{"prompt": "a"}\n')
+    assert_user_error(cli("finetune", "--model", str(model_dir), "--data", str(data), "--out", str(tmp_path / "x")),
+                      f"{data}:2", "unrecognised keys")
+    assert_user_error(cli("finetune", "--model", str(model_dir), "--data", str(data), "--out", str(tmp_path / "x"),
+                          "--val-frac", "1.5"), "val_frac")
+    assert not (tmp_path / "x").exists()

@@ -10,6 +10,12 @@ from pathlib import Path
 
 from .errors import UserError
 
+# engine/quantize.py's MODES, spelled out so that `unmask --help` does not import torch (a test keeps
+# the two equal).
+QUANT_MODES = ("int8", "int8wo", "bf16")
+QUANT_HELP = ("quantize weights: int8wo (int8 weights, fastest on CPUs without int8 dot products), "
+              "int8 (int8 weights and activations, for VNNI/AMX CPUs), bf16 (CUDA)")
+
 
 def _positive_int(s: str) -> int:
     v = int(s)
@@ -40,6 +46,21 @@ def cmd_train(a) -> None:
 
     final = train(a.config, a.out, max_steps=a.max_steps, resume=a.resume, time_limit=a.time_limit)
     print(f"model written to {final}")
+
+
+def cmd_finetune(a) -> None:
+    from .config import FinetuneConfig, parse
+    from .server.launch import pick_device
+    from .train.finetune import finetune
+
+    fields = dict(epochs=a.epochs, batch_size=a.batch_size, seq_len=a.seq_len, lr=a.lr, lora=a.lora,
+                  lora_rank=a.lora_rank, lora_alpha=a.lora_alpha, val_frac=a.val_frac, seed=a.seed,
+                  threads=a.threads)
+    cfg = parse(FinetuneConfig, {k: v for k, v in fields.items() if v is not None}, "unmask finetune")
+    summary = finetune(a.model, a.data, a.out, cfg, device=pick_device(a.device),
+                       log=(lambda *_: None) if a.json else print)
+    if a.json:
+        print(json.dumps({k: v for k, v in summary.items() if k not in ("history", "config")}))
 
 
 def cmd_generate(a) -> None:
@@ -101,12 +122,16 @@ def cmd_eval_bpb(a) -> None:
     from .pretrained import load
 
     model = load(a.model)
+    if a.quantize:
+        from .engine.quantize import quantize_model
+        model = quantize_model(model, a.quantize)
     meta = corpus_meta(Path(a.corpus))
     split = meta["splits"][a.split]
     t0 = time.perf_counter()
     res = bits_per_byte(model.net, load_split(Path(a.corpus), a.split), split["bytes"] / split["tokens"],
                         seq_len=a.seq_len, batch=a.batch, n_batches=a.batches, seed=a.seed)
-    res.update(model=str(model.path), objective=model.config.objective, split=a.split, seconds=time.perf_counter() - t0)
+    res.update(model=str(model.path), objective=model.config.objective, split=a.split, quantize=a.quantize,
+               seconds=time.perf_counter() - t0)
     print(json.dumps(res) if a.json else f"{res['bpb']:.4f} bits/byte ({model.config.objective}, {res['tokens']} tokens)")
 
 
@@ -128,7 +153,9 @@ def _eval_setup(a):
     policy = "topk" if a.steps is not None else a.policy
     steps_ratio = a.steps / a.max_tokens if a.steps is not None else None  # topk steps, relative to max_tokens
     sampler = "reference" if a.reference else "engine"
-    return model, Decoding(a.eval_command, sampler, policy, a.threshold, steps_ratio)
+    if a.quantize and a.reference:
+        raise UserError("--quantize applies to the engine; drop --reference or --quantize")
+    return model, Decoding(a.eval_command, sampler, policy, a.threshold, steps_ratio, quantize=a.quantize)
 
 
 def _eval_report(a, res: dict, summary: str, per_key: str) -> None:
@@ -247,6 +274,27 @@ def build_parser() -> argparse.ArgumentParser:
                          "continue with --resume")
     tr.set_defaults(func=cmd_train)
 
+    ft = sub.add_parser("finetune", help="supervised fine-tuning (all weights, or LoRA) on a JSONL of examples",
+                        description="Each line of --data is one JSON object: {prompt, completion}, {messages} "
+                                    "(ending in the assistant's answer), {prefix, suffix, middle} (fill in the "
+                                    "middle) or {text}. The prompt is kept clean and only the answer is learned.")
+    ft.add_argument("--model", default=None, help="model directory to start from (default: the embedded model)")
+    ft.add_argument("--data", required=True, help="JSONL file of examples")
+    ft.add_argument("--out", required=True, help="where to write the fine-tuned model (a new directory)")
+    ft.add_argument("--lora", action="store_true", help="train LoRA adapters (merged into the saved weights)")
+    ft.add_argument("--lora-rank", type=_positive_int, default=None, help="adapter rank (default 8)")
+    ft.add_argument("--lora-alpha", type=float, default=None, help="adapter scale numerator (default 16)")
+    ft.add_argument("--epochs", type=float, default=None, help="passes over the examples (default 3)")
+    ft.add_argument("--batch-size", type=_positive_int, default=None, help="examples per step (default 8)")
+    ft.add_argument("--lr", type=float, default=None, help="peak learning rate (default 1e-3 LoRA, 5e-5 full)")
+    ft.add_argument("--seq-len", type=_positive_int, default=None, help="longest example (default: the context)")
+    ft.add_argument("--val-frac", type=float, default=None, help="share held out to measure the loss (default 0.1)")
+    ft.add_argument("--seed", type=int, default=None)
+    ft.add_argument("--threads", type=_positive_int, default=None, help="torch CPU threads (default: torch's)")
+    ft.add_argument("--device", default="auto", help="cpu, cuda, cuda:N, or auto (CUDA when available)")
+    ft.add_argument("--json", action="store_true", help="print one JSON summary instead of progress")
+    ft.set_defaults(func=cmd_finetune)
+
     g = sub.add_parser("generate", help="one completion")
     g.add_argument("prompt", help="the prompt text, or - to read it from stdin")
     g.add_argument("--model", default=None, help="model directory (default: the embedded model)")
@@ -263,7 +311,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--no-heal", dest="heal", action="store_false",
                    help="send a prompt that ends in a newline (plus indentation) as it is; by default that "
                         "whitespace is taken off and the model rewrites it (prompt healing)")
-    g.add_argument("--quantize", choices=["int8", "bf16"], default=None, help="quantize weights for serving")
+    g.add_argument("--quantize", choices=QUANT_MODES, default=None, help=QUANT_HELP)
     g.add_argument("--cache", default="auto", help="KV cache: auto, exact, prefix, dual or none")
     g.add_argument("--reference", action="store_true", help="use the slow reference sampler instead of the engine")
     g.add_argument("--json", action="store_true", help="print one JSON object")
@@ -280,7 +328,7 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--timeout", type=float, default=300.0, help="seconds a request may take")
     sv.add_argument("--max-body-bytes", type=_positive_int, default=1 << 20)
     sv.add_argument("--max-tokens-limit", type=_positive_int, default=None, help="cap on max_tokens (default: context)")
-    sv.add_argument("--quantize", choices=["int8", "bf16"], default=None, help="quantize weights for serving")
+    sv.add_argument("--quantize", choices=QUANT_MODES, default=None, help=QUANT_HELP)
     sv.add_argument("--cache", default="auto", help="KV cache: auto, exact, prefix, dual or none")
     sv.add_argument("--device", default="auto", help="cpu, cuda, cuda:N, or auto (CUDA when available)")
     sv.set_defaults(func=cmd_serve)
@@ -294,6 +342,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--batch", type=_positive_int, default=8)
     e.add_argument("--batches", type=_positive_int, default=16)
     e.add_argument("--seed", type=int, default=0)
+    e.add_argument("--quantize", choices=QUANT_MODES, default=None, help=QUANT_HELP)
     e.add_argument("--json", action="store_true")
     e.set_defaults(func=cmd_eval_bpb)
 
@@ -306,6 +355,7 @@ def build_parser() -> argparse.ArgumentParser:
         q.add_argument("--steps", type=_positive_int, default=None, help="topk: total diffusion steps")
         q.add_argument("--batch", type=_positive_int, default=batch, help=f"requests in flight (default {batch})")
         q.add_argument("--reference", action="store_true", help="use the slow reference sampler (one at a time)")
+        q.add_argument("--quantize", choices=QUANT_MODES, default=None, help=QUANT_HELP)
         q.add_argument("--threads", type=_positive_int, default=None, help="torch threads (default: torch's)")
         q.add_argument("--timeout", type=float, default=5.0, help="seconds per test program (default 5)")
         q.add_argument("--workers", type=_positive_int, default=2, help="test programs run in parallel (default 2)")

@@ -173,6 +173,33 @@ class LoopConfig(Strict):
     init_from: str = ""
 
 
+class FinetuneConfig(Strict):
+    """`unmask finetune`: supervised fine-tuning of a saved model on a JSONL file (train/finetune.py)."""
+
+    epochs: float = Field(3.0, gt=0.0)  # passes over the training examples (fractions allowed)
+    batch_size: int = Field(8, ge=1)  # examples per optimizer step
+    seq_len: int = Field(0, ge=0)  # longest example in tokens; 0 -> the model's max_seq_len
+    lr: float = Field(0.0, ge=0.0)  # 0 -> 1e-3 with LoRA, 5e-5 for all weights
+    min_lr_frac: float = Field(0.1, ge=0.0, le=1.0)  # cosine decay ends at lr * this
+    warmup_frac: float = Field(0.05, ge=0.0, lt=1.0)
+    weight_decay: float = Field(0.0, ge=0.0)
+    grad_clip: float = Field(1.0, gt=0.0)
+    lora: bool = False  # train low-rank adapters (peft) and merge them into the saved weights
+    lora_rank: int = Field(8, ge=1)
+    lora_alpha: float = Field(16.0, gt=0.0)
+    lora_dropout: float = Field(0.0, ge=0.0, lt=1.0)
+    # every linear layer of the blocks; the LM head is tied to the embedding and stays as it is
+    lora_targets: list[str] = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    val_frac: float = Field(0.1, ge=0.0, lt=1.0)  # examples held out to measure the loss before and after
+    seed: int = 0
+    threads: int = Field(0, ge=0)  # CPU intra-op threads; 0 -> torch's default
+    diffusion: DiffusionConfig = DiffusionConfig(estimator="count")
+
+    @property
+    def learning_rate(self) -> float:
+        return self.lr or (1e-3 if self.lora else 5e-5)
+
+
 class TrainConfig(Strict):
     model: ArchConfig = ArchConfig()
     data: DataConfig = DataConfig()

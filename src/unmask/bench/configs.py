@@ -23,10 +23,20 @@ CONFIGS: tuple[tuple[str, Decoding], ...] = (
     ("dllm", Decoding("entropy-0.1", "engine", "entropy", 0.1)),
     ("dllm", Decoding("margin-0.9", "engine", "margin", 0.9)),
     ("dllm", Decoding(MAIN + "-int8", "engine", "threshold", 0.9, quantize="int8")),
+    ("dllm", Decoding(MAIN + "-int8wo", "engine", "threshold", 0.9, quantize="int8wo")),
+    ("dllm", Decoding("threshold-0.7-int8wo", "engine", "threshold", 0.7, quantize="int8wo")),
     ("ar", Decoding(AR, "engine", None)),
     ("ar", Decoding(AR + "-int8", "engine", None, quantize="int8")),
+    ("ar", Decoding(AR + "-int8wo", "engine", None, quantize="int8wo")),
 )
 CONCURRENCY = (1, 4, 16)
+
+
+def ar_baseline(name: str) -> str:
+    """The AR run a configuration's "x AR" compares with: the AR twin with the same weights (fp32,
+    int8, int8wo), so that quantization speeds up both sides of the ratio or neither."""
+    quant = {d.name: d.quantize for _, d in CONFIGS}.get(name)
+    return next((d.name for s, d in CONFIGS if s == "ar" and d.quantize == quant), AR)
 # HumanEval pass@1 at batch 1 (Workload.humaneval_limit problems) and single-line infilling for these;
 # the rest get pass@1 on the timed prompts only.
 HUMANEVAL_CONFIGS = ("topk-L", MAIN, AR)

@@ -21,7 +21,7 @@ def format_table(result: dict) -> str:
     for r in runs:
         m, q, x = r["metrics"], r["quality"], r["ratios"]
         c = r["concurrency"]
-        ref, ar = idx.get((C.REFERENCE, c)), idx.get((C.AR, c))
+        ref, ar = idx.get((C.REFERENCE, c)), idx.get((C.ar_baseline(r["config"]), c))
         dq_ref = 0.0 - quality_loss(r, ref)[0] if ref and r is not ref else None  # 0.0 - x: no "-0.0"
         dq_ar = 0.0 - quality_loss(r, ar)[0] if ar and r is not ar else None
         rows.append([
@@ -49,7 +49,8 @@ def format_table(result: dict) -> str:
     out += ["",
             "(seq): the reference sampler cannot batch; it ran the requests one at a time and its 4/16 rows are",
             "that run, with queueing added to latency and TTFT. x ref / x AR: tok/s ratio against the reference /",
-            "AR twin at the same concurrency. dQ: quality change in points, the worst of line EM, edit similarity,",
+            "AR twin at the same concurrency (the AR twin with the same weights: fp32, int8 or int8wo).",
+            "dQ: quality change in points, the worst of line EM, edit similarity,",
             "pass@1 and syntax validity (pass@1 on the larger HumanEval set where both have it). pass@1 and",
             "syntax: on the timed prompts. cpu: CPU share this process got (below ~0.8: other work competed)."]
     for name, he in result["humaneval"].items():

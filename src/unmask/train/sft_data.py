@@ -1,0 +1,129 @@
+"""Supervised fine-tuning data: a JSONL file of examples, each turned into the token ids a request
+would put on the canvas, plus where the answer starts.
+
+One JSON object per line, in one of these shapes:
+- `{"prompt": str | [messages], "completion": str}`: a completion of a text prompt, or a chat
+  prompt answered by the assistant;
+- `{"messages": [..., {"role": "assistant", "content": str}]}`: a chat whose last turn is the answer;
+- `{"prefix": str, "suffix": str, "middle": str}`: fill-in-the-middle, in the model's FIM layout;
+- `{"text": str}`: plain text, every token learned.
+
+Examples are laid out exactly as the engine lays out the same request (`sampling/prompt.py`), with
+prompt healing's split (a prompt ending in a newline plus indentation gives that whitespace to the
+answer), and the answer ends with the token the engine stops at (EOS; end-of-turn for chats).
+The prompt is never noised and never scored.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from ..engine.healing import ASCII_WHITESPACE, split_trailing_whitespace
+from ..errors import UserError
+from ..sampling.prompt import layout_prompt
+
+SHAPES = "{prompt, completion}, {messages}, {prefix, suffix, middle} or {text}"
+
+
+@dataclass(frozen=True)
+class Example:
+    ids: tuple[int, ...]
+    n_prompt: int  # ids[:n_prompt] is the prompt: clean, no loss
+    line: int  # where it came from, for error messages
+
+
+def _str(rec: dict, key: str, where: str) -> str:
+    v = rec.get(key)
+    if not isinstance(v, str):
+        raise UserError(f"{where}: '{key}' must be a string, got {type(v).__name__}")
+    return v
+
+
+def encode_example(model, rec, where: str) -> tuple[list[int], list[int]]:
+    """(prompt ids, answer ids) of one record."""
+    tok = model.tokenizer
+    if not isinstance(rec, dict):
+        raise UserError(f"{where}: expected a JSON object with {SHAPES}")
+    keys = set(rec)
+    if keys == {"text"}:
+        return [], tok.encode(_str(rec, "text", where), allow_special=False) + [tok.eos_id]
+    if keys == {"prefix", "suffix", "middle"}:
+        prefix, ws = split_trailing_whitespace(_str(rec, "prefix", where), ASCII_WHITESPACE)
+        head, _ = layout_prompt(model, prefix, _str(rec, "suffix", where))
+        return head, tok.encode(ws + _str(rec, "middle", where), allow_special=False) + [tok.eos_id]
+    if keys == {"messages"} or keys == {"prompt", "completion"}:
+        if "messages" in rec:
+            msgs = rec["messages"]
+            if not isinstance(msgs, list) or len(msgs) < 2 or not isinstance(msgs[-1], dict) \
+                    or msgs[-1].get("role") != "assistant":
+                raise UserError(f"{where}: 'messages' must be a list ending in an assistant turn (the answer "
+                                "to learn), after at least one other message")
+            prompt, answer = msgs[:-1], msgs[-1].get("content")
+            if not isinstance(answer, str):
+                raise UserError(f"{where}: the assistant turn's content must be a string")
+        else:
+            prompt, answer = rec["prompt"], _str(rec, "completion", where)
+        try:
+            if isinstance(prompt, str):
+                prompt, ws = split_trailing_whitespace(prompt, ASCII_WHITESPACE)
+                answer = ws + answer
+                head, _ = layout_prompt(model, prompt)
+                return head, tok.encode(answer, allow_special=False) + [tok.eos_id]
+            if not isinstance(prompt, list) or not prompt or not all(isinstance(m, dict) for m in prompt):
+                raise UserError("'prompt' must be a string or a non-empty list of chat messages")
+            head, _ = layout_prompt(model, prompt)
+        except UserError as e:
+            raise UserError(f"{where}: {e}") from None
+        return head, tok.encode(answer, allow_special=False) + [tok.end_id]
+    raise UserError(f"{where}: unrecognised keys {sorted(keys)}; each line must be one of {SHAPES}")
+
+
+def load_examples(model, path: str | Path, max_len: int) -> list[Example]:
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{path}: no such file; --data takes a JSONL file of examples ({SHAPES})")
+    out = []
+    with path.open(encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            where = f"{path}:{n}"
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise UserError(f"{where}: not valid JSON ({e.msg} at column {e.colno})") from None
+            head, answer = encode_example(model, rec, where)
+            if len(head) + len(answer) > max_len:
+                raise UserError(f"{where}: the example is {len(head) + len(answer)} tokens, over the "
+                                f"{max_len} of --seq-len; shorten it or raise --seq-len (at most the model's "
+                                f"max_seq_len, {model.config.max_seq_len})")
+            if model.config.attention == "causal" and not head:
+                head, answer = answer[:1], answer[1:]  # the first token has nothing to be predicted from
+            out.append(Example(tuple(head + answer), len(head), n))
+    if not out:
+        raise UserError(f"{path}: holds no examples; write one JSON object per line ({SHAPES})")
+    return out
+
+
+def collate(examples: list[Example], objective: str, block_size: int, eos_id: int, pad_id: int):
+    """(x0, prompt_mask), both (B, L). Padding after an answer:
+    - full attention (MDLM, LLaDA's recipe): EOS, learned, so that the model fills the rest of its
+      canvas with EOS as it must at inference;
+    - block diffusion: EOS to the end of the answer's last block (learned: a block the model
+      finishes early is filled with EOS), then clean padding that no earlier block can see;
+    - AR: clean padding, not learned (the answer's own stop token is)."""
+    L = max(len(e.ids) for e in examples)
+    if objective == "bd3lm":
+        L = -(-L // block_size) * block_size
+    x0 = torch.full((len(examples), L), pad_id, dtype=torch.long)
+    prompt = torch.ones(len(examples), L, dtype=torch.bool)
+    for i, e in enumerate(examples):
+        n = len(e.ids)
+        x0[i, :n] = torch.tensor(e.ids)
+        end = {"mdlm": L, "bd3lm": -(-n // block_size) * block_size}.get(objective, n)
+        x0[i, n:end] = eos_id
+        prompt[i, e.n_prompt:end] = False
+    return x0, prompt
