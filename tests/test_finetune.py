@@ -80,21 +80,26 @@ def test_bad_lines_name_file_and_line(tok, tmp_path):
     p = tmp_path / "d.jsonl"
     p.write_text('{"prompt": "a", "completion": "b"}\n\n{"prompt": "a", "completion": 3}\n')
     with pytest.raises(UserError, match=rf"{p}:3: 'completion' must be a string"):
-        load_examples(m, p, 64)
+        load_examples(m, p, 64)[0]
     p.write_text('{"prompt": "a", "completion": "b"}\n{oops\n')
     with pytest.raises(UserError, match=rf"{p}:2: not valid JSON"):
-        load_examples(m, p, 64)
+        load_examples(m, p, 64)[0]
     p.write_text('{"question": "a"}\n')
     with pytest.raises(UserError, match=rf"{p}:1: unrecognised keys \['question'\]"):
-        load_examples(m, p, 64)
+        load_examples(m, p, 64)[0]
     p.write_text(json.dumps({"text": "x = 1\n" * 40}) + "\n")
     with pytest.raises(UserError, match=rf"{p}:1: the example is \d+ tokens, over the 64 of --seq-len"):
-        load_examples(m, p, 64)
+        load_examples(m, p, 64)[0]
+    with pytest.raises(UserError, match="holds no examples to train on; all 1 are longer than 64 tokens"):
+        load_examples(m, p, 64, skip_long=True)
+    p.write_text(json.dumps({"text": "x = 1\n" * 40}) + "\n" + json.dumps({"text": "x = 1"}) + "\n")
+    kept, skipped = load_examples(m, p, 64, skip_long=True)
+    assert skipped == 1 and [e.line for e in kept] == [2]
     p.write_text("\n")
-    with pytest.raises(UserError, match="holds no examples"):
-        load_examples(m, p, 64)
+    with pytest.raises(UserError, match="holds no examples to train on; write one JSON object per line"):
+        load_examples(m, p, 64)[0]
     with pytest.raises(UserError, match="no such file"):
-        load_examples(m, tmp_path / "none.jsonl", 64)
+        load_examples(m, tmp_path / "none.jsonl", 64)[0]
 
 
 FACTS = [(f"v{i} = ", f"{i * 7 % 10}") for i in range(10)]
@@ -129,7 +134,7 @@ def test_held_out_loss_falls_and_lora_merges_exactly(tok, tmp_path):
     assert s["held_out_examples"] == 4 and s["train_examples"] == 16
     assert s["held_out_loss_after"] < 0.5 * s["held_out_loss_before"]
     # the saved, merged model measures what the adapters measured
-    held = [e for e in load_examples(unmask.load(src), data, 64) if e.line in s["held_out_lines"]]
+    held = [e for e in load_examples(unmask.load(src), data, 64)[0] if e.line in s["held_out_lines"]]
     assert len(held) == 4
     merged = unmask.load(tmp_path / "out").net
     assert held_out_loss(merged, held, cfg, "cpu") == pytest.approx(s["held_out_loss_after"], rel=1e-4)

@@ -55,7 +55,7 @@ def cmd_finetune(a) -> None:
 
     fields = dict(epochs=a.epochs, batch_size=a.batch_size, seq_len=a.seq_len, lr=a.lr, lora=a.lora,
                   lora_rank=a.lora_rank, lora_alpha=a.lora_alpha, val_frac=a.val_frac, seed=a.seed,
-                  threads=a.threads)
+                  threads=a.threads, skip_long=a.skip_long or None)
     cfg = parse(FinetuneConfig, {k: v for k, v in fields.items() if v is not None}, "unmask finetune")
     summary = finetune(a.model, a.data, a.out, cfg, device=pick_device(a.device),
                        log=(lambda *_: None) if a.json else print)
@@ -288,6 +288,7 @@ def build_parser() -> argparse.ArgumentParser:
     ft.add_argument("--batch-size", type=_positive_int, default=None, help="examples per step (default 8)")
     ft.add_argument("--lr", type=float, default=None, help="peak learning rate (default 1e-3 LoRA, 5e-5 full)")
     ft.add_argument("--seq-len", type=_positive_int, default=None, help="longest example (default: the context)")
+    ft.add_argument("--skip-long", action="store_true", help="leave out examples over --seq-len instead of stopping")
     ft.add_argument("--val-frac", type=float, default=None, help="share held out to measure the loss (default 0.1)")
     ft.add_argument("--seed", type=int, default=None)
     ft.add_argument("--threads", type=_positive_int, default=None, help="torch CPU threads (default: torch's)")

@@ -179,6 +179,7 @@ class FinetuneConfig(Strict):
     epochs: float = Field(3.0, gt=0.0)  # passes over the training examples (fractions allowed)
     batch_size: int = Field(8, ge=1)  # examples per optimizer step
     seq_len: int = Field(0, ge=0)  # longest example in tokens; 0 -> the model's max_seq_len
+    skip_long: bool = False  # leave out longer examples (counted) instead of stopping at the first
     lr: float = Field(0.0, ge=0.0)  # 0 -> 1e-3 with LoRA, 5e-5 for all weights
     min_lr_frac: float = Field(0.1, ge=0.0, le=1.0)  # cosine decay ends at lr * this
     warmup_frac: float = Field(0.05, ge=0.0, lt=1.0)

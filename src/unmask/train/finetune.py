@@ -89,7 +89,7 @@ def finetune(model_dir: str | Path | None, data: str | Path, out: str | Path, cf
     seq_len = cfg.seq_len or mc.max_seq_len
     if seq_len > mc.max_seq_len:
         raise UserError(f"--seq-len {seq_len} exceeds the model's max_seq_len {mc.max_seq_len}")
-    examples = load_examples(model, data, seq_len)
+    examples, skipped = load_examples(model, data, seq_len, cfg.skip_long)
     order = list(range(len(examples)))
     random.Random(cfg.seed).shuffle(order)
     n_val = min(len(examples) - 1, round(cfg.val_frac * len(examples))) if cfg.val_frac > 0 else 0
@@ -107,6 +107,8 @@ def finetune(model_dir: str | Path | None, data: str | Path, out: str | Path, cf
     schedule = get_schedule(cfg.diffusion.schedule)
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if net.rope_cos.is_cuda else contextlib.nullcontext()
     before = held_out_loss(net, val, cfg, device)
+    if skipped:
+        log(f"finetune: left out {skipped} examples longer than {seq_len} tokens")
     log(f"finetune: {len(train)} training examples, {len(val)} held out; {steps} steps of {cfg.batch_size}; "
         f"{'LoRA rank ' + str(cfg.lora_rank) if cfg.lora else 'all weights'} ({n_train:,} trainable parameters)")
     if before is not None:
@@ -135,7 +137,8 @@ def finetune(model_dir: str | Path | None, data: str | Path, out: str | Path, cf
     after = held_out_loss(net, val, cfg, device)
     merged = merge_lora(net) if cfg.lora else 0
     net.eval()
-    summary = {"model": str(model.path), "data": str(data), "examples": len(examples), "train_examples": len(train),
+    summary = {"model": str(model.path), "data": str(data), "examples": len(examples), "skipped_long": skipped,
+               "train_examples": len(train),
                "held_out_examples": len(val), "held_out_lines": [e.line for e in val], "steps": steps, "trainable_parameters": n_train,
                "held_out_loss_before": before, "held_out_loss_after": after, "seconds": seconds,
                "lora_layers_merged": merged, "config": cfg.model_dump(), "history": history}

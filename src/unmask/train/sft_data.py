@@ -81,11 +81,13 @@ def encode_example(model, rec, where: str) -> tuple[list[int], list[int]]:
     raise UserError(f"{where}: unrecognised keys {sorted(keys)}; each line must be one of {SHAPES}")
 
 
-def load_examples(model, path: str | Path, max_len: int) -> list[Example]:
+def load_examples(model, path: str | Path, max_len: int, skip_long: bool = False) -> tuple[list[Example], int]:
+    """The file's examples, and how many were left out for being longer than max_len (skip_long;
+    otherwise the first such example is an error)."""
     path = Path(path)
     if not path.is_file():
         raise UserError(f"{path}: no such file; --data takes a JSONL file of examples ({SHAPES})")
-    out = []
+    out, skipped = [], 0
     with path.open(encoding="utf-8") as f:
         for n, line in enumerate(f, 1):
             if not line.strip():
@@ -97,15 +99,20 @@ def load_examples(model, path: str | Path, max_len: int) -> list[Example]:
                 raise UserError(f"{where}: not valid JSON ({e.msg} at column {e.colno})") from None
             head, answer = encode_example(model, rec, where)
             if len(head) + len(answer) > max_len:
+                if skip_long:
+                    skipped += 1
+                    continue
                 raise UserError(f"{where}: the example is {len(head) + len(answer)} tokens, over the "
-                                f"{max_len} of --seq-len; shorten it or raise --seq-len (at most the model's "
-                                f"max_seq_len, {model.config.max_seq_len})")
+                                f"{max_len} of --seq-len; shorten it, raise --seq-len (at most the model's "
+                                f"max_seq_len, {model.config.max_seq_len}) or pass --skip-long")
             if model.config.attention == "causal" and not head:
                 head, answer = answer[:1], answer[1:]  # the first token has nothing to be predicted from
             out.append(Example(tuple(head + answer), len(head), n))
     if not out:
-        raise UserError(f"{path}: holds no examples; write one JSON object per line ({SHAPES})")
-    return out
+        why = f"all {skipped} are longer than {max_len} tokens" if skipped else \
+            f"write one JSON object per line ({SHAPES})"
+        raise UserError(f"{path}: holds no examples to train on; {why}")
+    return out, skipped
 
 
 def collate(examples: list[Example], objective: str, block_size: int, eos_id: int, pad_id: int):
