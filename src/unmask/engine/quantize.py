@@ -90,7 +90,7 @@ class Int8WeightOnlyLinear(nn.Module):
             # The kernel's vectorised path is bf16 (fp32 inputs take a scalar loop, 7x slower).
             y = torch.ops.aten._weight_int8pack_mm(x2.to(torch.bfloat16).contiguous(), self.qweight,
                                                    self.scale_bf16)
-        else:  # no such kernel elsewhere: same arithmetic, dequantised on the fly
+        else:  # no such kernel elsewhere: the same int8 weights and scales, dequantised on the fly
             y = torch.nn.functional.linear(x2, self.qweight.to(x2.dtype)) * self.scale.to(x2.dtype)
         return y.reshape(*shape[:-1], self.out_features).to(x.dtype)
 
