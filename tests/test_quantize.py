@@ -45,16 +45,20 @@ def test_int8_rows_do_not_depend_on_their_batch():
     torch.testing.assert_close(q(x.view(2, 3, 64)).view(6, 32), whole, rtol=0, atol=0)
 
 
-@pytest.mark.parametrize("attention", ["block", "causal"])
-def test_int8_engine_batched_equals_alone(tok, attention):
-    model = random_pretrained(tok, attention, block_size=4, max_seq_len=64, peak=4.0)
-    eng = Engine(model, quantize="int8")
-    g = torch.Generator().manual_seed(1)
-    prompts = [torch.randint(20, 250, (n,), generator=g).tolist() for n in (3, 9, 5)]
+def assert_batched_equals_alone(eng, seed: int, lengths: tuple[int, ...]) -> None:
+    """Random prompts of these lengths, greedy: each one's tokens batched equal its tokens alone."""
+    g = torch.Generator().manual_seed(seed)
+    prompts = [torch.randint(20, 250, (n,), generator=g).tolist() for n in lengths]
     sp = SamplingParams(max_tokens=10, temperature=0.0)
     together = eng.generate(prompts, sp)
     for p, out in zip(prompts, together):
         assert eng.generate([p], sp)[0].token_ids == out.token_ids
+
+
+@pytest.mark.parametrize("attention", ["block", "causal"])
+def test_int8_engine_batched_equals_alone(tok, attention):
+    model = random_pretrained(tok, attention, block_size=4, max_seq_len=64, peak=4.0)
+    assert_batched_equals_alone(Engine(model, quantize="int8"), seed=1, lengths=(3, 9, 5))
 
 
 def test_warns_where_int8_is_slow(tok, monkeypatch):
@@ -108,12 +112,7 @@ def test_int8wo_engine_batched_equals_alone(tok, attention):
     assert isinstance(eng.net.lm_head, Int8WeightOnlyLinear)
     assert eng.net.embed.weight.dtype == torch.float32  # lookups stay exact; only the matmuls change
     assert model.net.lm_head.weight is model.net.embed.weight  # the original is left as it was
-    g = torch.Generator().manual_seed(2)
-    prompts = [torch.randint(20, 250, (n,), generator=g).tolist() for n in (4, 11, 6)]
-    sp = SamplingParams(max_tokens=10, temperature=0.0)
-    together = eng.generate(prompts, sp)
-    for p, out in zip(prompts, together):
-        assert eng.generate([p], sp)[0].token_ids == out.token_ids
+    assert_batched_equals_alone(eng, seed=2, lengths=(4, 11, 6))
 
 
 def test_int8wo_never_warns(tok, monkeypatch):
