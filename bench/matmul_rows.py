@@ -12,8 +12,10 @@ Best of 3 repeats of 400 calls each.
 
 --model: every linear layer of a saved model, called in turn as one forward pass calls them, so the
 weights come from memory and not from cache (one layer alone fits in L2/L3 and flatters the
-kernel): fp32 F.linear against the engine's int8 weight-only layer (engine/quantize.py), ms per
-pass at each row count. Best of 5.
+kernel), ms per pass at each row count: fp32 `F.linear` (torch's `x @ W.T`), the engine's fp32
+CPU layer (`(W @ x.T).T` with padded rows, engine/cpu_linear.py) and its int8 weight-only layer
+(engine/quantize.py). The three are timed in turn, round after round, and the best round of each
+is kept, so a noisy neighbour slows all three alike.
 """
 from __future__ import annotations
 
@@ -43,12 +45,13 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--rows", type=int, nargs="*", default=[1, 4, 8])
+    ap.add_argument("--rounds", type=int, default=10, help="--model: rounds of the three layers in turn")
     ap.add_argument("--model", nargs="?", const="models/unmask-coder", default=None,
                     help="time a whole model's linear layers, fp32 against int8 weight-only")
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
     if a.model:
-        return whole_model(a.model, a.rows)
+        return whole_model(a.model, a.rows, a.rounds)
     print(f"{'layer':8} {'in':>5} {'out':>5} {'rows':>4} {'F.linear us':>12} {'x rows 1':>9} {'oneDNN packed us':>17}")
     for name, k, n in SHAPES:
         lin = torch.nn.Linear(k, n, bias=False)
@@ -63,27 +66,29 @@ def main() -> None:
             print(f"{name:8} {k:5} {n:5} {m:4} {t:12.1f} {t / one:9.2f} {tp:17.1f}", flush=True)
 
 
-def whole_model(path: str, rows: list[int]) -> None:
+def whole_model(path: str, rows: list[int], rounds: int) -> None:
     import unmask
+    from unmask.engine.cpu_linear import WeightLeftLinear
     from unmask.engine.quantize import Int8WeightOnlyLinear
 
     net = unmask.load(path).net
     fp = [m for m in net.modules() if isinstance(m, torch.nn.Linear)]
-    q = [Int8WeightOnlyLinear(m) for m in fp]
+    kinds = {"F.linear": fp, "engine fp32": [WeightLeftLinear(m) for m in fp],
+             "int8wo": [Int8WeightOnlyLinear(m) for m in fp]}
     mb = sum(m.weight.numel() for m in fp) * 4 / 1e6
-    print(f"{path}: {len(fp)} linear layers, {mb:.1f} MB of fp32 weights")
-    print(f"{'rows':>4} {'fp32 ms':>8} {'int8wo ms':>10} {'speedup':>8}")
+    print(f"{path}: {len(fp)} linear layers, {mb:.1f} MB of fp32 weights; ms per pass, best of {rounds} rounds")
+    print(f"{'rows':>4} " + " ".join(f"{k:>11}" for k in kinds) + f" {'F.linear / engine fp32':>23}")
     for m in rows:
         xs = {k: torch.randn(m, k) for k in {layer.in_features for layer in fp}}
-
-        def chain(layers):
-            def run():
+        best = dict.fromkeys(kinds, float("inf"))
+        for _ in range(rounds):
+            for name, layers in kinds.items():
+                t = time.perf_counter()
                 for layer in layers:
                     layer(xs[layer.in_features])
-            return run
-        t32 = best_us(chain(fp), n=1, repeats=5) / 1e3
-        t8 = best_us(chain(q), n=1, repeats=5) / 1e3
-        print(f"{m:4} {t32:8.2f} {t8:10.2f} {t32 / t8:8.2f}", flush=True)
+                best[name] = min(best[name], (time.perf_counter() - t) * 1e3)
+        print(f"{m:4} " + " ".join(f"{best[k]:11.2f}" for k in kinds)
+              + f" {best['F.linear'] / best['engine fp32']:23.2f}", flush=True)
 
 
 if __name__ == "__main__":

@@ -22,6 +22,7 @@ import torch
 from ..errors import UserError
 from ..sampling.policies import ENTROPY, MARGIN, StepParams, propose_batch, select_commits
 from ..sampling.prompt import is_chat, layout_prompt
+from . import cpu_linear
 from .cuda_graphs import GraphedForward, decode_limit
 from .healing import ASCII_WHITESPACE, HealMasks, split_trailing_whitespace
 from .kv_cache import PagedKVCache
@@ -71,6 +72,8 @@ class Engine:
             model = quantize_model(model, quantize)
             self.model = model
         self.net = model.net
+        if quantize is None and cpu_linear.applies(self.net):
+            self.net = cpu_linear.weight_left(self.net)
         if compile:
             # Measured on the 2-core CPU (AR twin, batch 1): 9x slower than eager, because ragged
             # batch and cache shapes keep recompiling. It needs static shape buckets to pay off.
