@@ -82,6 +82,7 @@ def test_every_run_has_every_metric(bench_run):
             assert 0.0 <= r["quality"][k] <= 1.0, (r["config"], k)
         he = r["quality"]["humaneval_pass_at_1"]  # main configs only; in --quick on the timed prompts
         assert (he is not None) == (r["config"] in HUMANEVAL_CONFIGS)
+        assert (r["quality"]["humaneval_syntax_valid"] is not None) == (r["config"] in HUMANEVAL_CONFIGS)
         assert r["sequential"] == (r["config"] == "reference")
     for name, he in res["humaneval"].items():
         assert he["n"] == res["workload"]["prompts"] and he["generated"] == 0 and he["subset"] == "timed prompts"
@@ -133,6 +134,35 @@ def test_plot_and_table(bench_run):
     assert (out / "bench.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     table = format_table(res)
     assert "x ref" in table and "reference (seq)" in table and sum(ln.startswith("target ") for ln in table.splitlines()) == len(TARGETS)
+
+
+def test_full_humaneval_covers_the_equal_quality_comparisons():
+    """Each dLLM configuration with the larger HumanEval run is compared with an AR run that has it too."""
+    from unmask.bench.configs import FULL, QUICK, ar_baseline
+
+    assert FULL.humaneval_limit is None and FULL.humaneval_concurrency == 16 and QUICK.humaneval_limit == 0
+    names = {d.name for _, d in CONFIGS}
+    for name in HUMANEVAL_CONFIGS:
+        assert name in names and ar_baseline(name) in HUMANEVAL_CONFIGS
+
+
+def test_quality_loss_uses_the_larger_set_only_when_both_have_it():
+    from unmask.bench.scoring import quality_loss
+
+    def run(timed_syntax, full_syntax, n, pass_full=0.0):
+        return {"quality": {"pass_at_1": 0.0, "syntax_valid": timed_syntax, "line_exact_match": 0.1,
+                            "line_edit_similarity": 0.4, "humaneval_pass_at_1": pass_full,
+                            "humaneval_syntax_valid": full_syntax, "humaneval_n": n}}
+
+    ar = run(0.8125, 0.677, 164, pass_full=0.0122)
+    loss, used = quality_loss(run(0.625, 0.695, 164), ar)
+    assert set(used) == {"humaneval_pass_at_1", "humaneval_syntax_valid", "line_exact_match", "line_edit_similarity"}
+    assert loss == pytest.approx(1.22)  # pass@1 2/164 against 0; the syntax gain does not offset it
+    loss, used = quality_loss(run(0.625, 0.695, 16), ar)  # different problem sets: the timed prompts decide
+    assert "syntax_valid" in used and "humaneval_syntax_valid" not in used
+    assert loss == pytest.approx(18.75)
+    loss, _ = quality_loss(run(0.625, None, None), run(0.8125, None, None))
+    assert loss == pytest.approx(18.75)
 
 
 def test_queued_latency_of_a_sequential_run():

@@ -26,6 +26,14 @@ def test_matches_f_linear(rows, bias):
     torch.testing.assert_close(y, lin(x), rtol=1e-5, atol=1e-5)
 
 
+def test_column_major_input():
+    """The gate * up product of the MLP arrives column-major (the layout of this layer's own output)."""
+    lin = nn.Linear(40, 24, bias=False)
+    x = torch.randn(40, 6).t()
+    assert not x.is_contiguous()
+    torch.testing.assert_close(WeightLeftLinear(lin)(x), lin(x), rtol=1e-5, atol=1e-5)
+
+
 def test_keeps_leading_dimensions():
     lin = nn.Linear(16, 24, bias=False)
     x = torch.randn(3, 5, 16)

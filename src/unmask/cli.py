@@ -386,9 +386,9 @@ def build_parser() -> argparse.ArgumentParser:
     bn.add_argument("--lines", type=_positive_int, default=None, help="held-out lines per configuration (50; quick: 8)")
     bn.add_argument("--heldout", default=None, help="held-out line fixture (default: bench/heldout_lines.jsonl)")
     bn.add_argument("--humaneval-limit", type=int, default=None,
-                    help="HumanEval problems for the main configs (default 0: the timed prompts; 164: all)")
+                    help="HumanEval problems for the main configs (default: all 164; quick: 0, the timed prompts)")
     bn.add_argument("--humaneval-batch", type=_positive_int, default=None,
-                    help="requests in flight for that HumanEval run (default 1)")
+                    help="requests in flight for that HumanEval run (default 16)")
     bn.add_argument("--threads", type=_positive_int, default=None, help="torch threads (default: torch's)")
     bn.add_argument("--quick", action="store_true", help="few prompts, short length: under 2 minutes on 2 cores")
     bn.set_defaults(func=cmd_bench)

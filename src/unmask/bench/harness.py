@@ -6,8 +6,9 @@ at every concurrency in configs.CONCURRENCY, on a fixed workload:
   same generations: pass@1 on those problems and syntax validity of prompt + truncated body.
 - line set: held-out line completion (bench/heldout_lines.jsonl), stop at newline, at concurrency 16
   per configuration: exact match and edit similarity.
-- full HumanEval pass@1 (batch 1) for configs.HUMANEVAL_CONFIGS (in --quick: the timed prompts),
-  and single-line infilling (one line of each of `infill_problems` solutions) for the same configs.
+- full HumanEval pass@1 and syntax validity (all 164, 16 in flight) for configs.HUMANEVAL_CONFIGS
+  (in --quick: the timed prompts), and single-line infilling (one line of each of `infill_problems`
+  solutions) for the same configs. Quality comparisons use these where both sides have them.
 
 The reference sampler cannot batch: it runs once, sequentially, and its 4- and 16-concurrent rows
 are that same run with queueing (a request waits for the ones before it) added to its latencies.
@@ -207,6 +208,7 @@ def run_bench(dllm, ar, wl: C.Workload, *, heldout=None, threads: int | None = N
     for run in runs:
         he = humaneval.get(run["config"])
         run["quality"]["humaneval_pass_at_1"] = he["pass_at_1"] if he else None
+        run["quality"]["humaneval_syntax_valid"] = he["syntax_valid"] if he else None
         run["quality"]["humaneval_n"] = he["n"] if he else None
     add_ratios(runs)
     checks = {"reference_vs_engine_topk_identical": {
@@ -244,8 +246,9 @@ def _slow_int8(models) -> str | None:
 
 
 def _full_humaneval(model, dec, wl: C.Workload, speed_problems, speed_texts, ex) -> dict:
-    """pass@1 over `humaneval_limit` problems (0: just the timed prompts; N: the first N; None: all) at batch 1;
-    problems of the speed set reuse their batch-1 generations (same prompt, same length, greedy)."""
+    """pass@1 and syntax validity over `humaneval_limit` problems (0: just the timed prompts; N: the first N;
+    None: all) at `humaneval_concurrency`; problems of the speed set reuse their batch-1 generations (same
+    prompt, same length, greedy, and batch invariant: the speed runs check identical_to_batch1)."""
     problems = list(speed_problems) if wl.humaneval_limit == 0 else load_problems(wl.humaneval_limit)
     have = {p["task_id"]: t for p, t in zip(speed_problems, speed_texts)}
     todo = [p for p in problems if p["task_id"] not in have]

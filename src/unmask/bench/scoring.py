@@ -3,7 +3,9 @@ from __future__ import annotations
 
 from . import configs as C
 
-DELTA_KEYS = ("pass_at_1", "syntax_valid", "line_exact_match", "line_edit_similarity", "humaneval_pass_at_1")
+DELTA_KEYS = ("pass_at_1", "syntax_valid", "line_exact_match", "line_edit_similarity", "humaneval_pass_at_1",
+              "humaneval_syntax_valid")
+FULL_SET = {"pass_at_1": "humaneval_pass_at_1", "syntax_valid": "humaneval_syntax_valid"}
 
 
 def _index(runs: list[dict]) -> dict:
@@ -17,14 +19,15 @@ def quality_delta(run: dict, base: dict) -> dict:
 
 
 def quality_loss(run: dict, base: dict) -> tuple[float, dict]:
-    """The largest loss (points, >= 0 means worse) over configs.QUALITY_KEYS; pass@1 on the full
-    HumanEval when both have it, else on the timed prompts."""
+    """The largest loss (points, >= 0 means worse) over configs.QUALITY_KEYS; pass@1 and syntax validity
+    on the larger HumanEval set when both have it on the same problems, else on the timed prompts."""
     d = quality_delta(run, base)
+    same_set = run["quality"].get("humaneval_n") == base["quality"].get("humaneval_n")
     used = {}
     for k in C.QUALITY_KEYS:
-        if k == "pass_at_1" and "humaneval_pass_at_1" in d and run["quality"].get("humaneval_n") == \
-                base["quality"].get("humaneval_n"):
-            used["humaneval_pass_at_1"] = d["humaneval_pass_at_1"]
+        full = FULL_SET.get(k)
+        if full in d and same_set:
+            used[full] = d[full]
         elif k in d:
             used[k] = d[k]
     return max([-v for v in used.values()], default=0.0) + 0.0, used  # + 0.0: no -0.0

@@ -50,7 +50,8 @@ class WeightLeftLinear(nn.Module):
         self.in_features, self.out_features = linear.in_features, linear.out_features
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x2 = x.reshape(-1, x.shape[-1])
+        # Row-major rows: W @ (column-major x).T is a different MKL case, and measured as slow as F.linear.
+        x2 = x.reshape(-1, x.shape[-1]).contiguous()
         if x2.shape[0] > MAX_ROWS:
             return F.linear(x, self.weight, self.bias)
         m = x2.shape[0]
