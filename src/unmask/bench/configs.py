@@ -42,7 +42,8 @@ def ar_baseline(name: str) -> str:
 # The rest get pass@1 and syntax validity on the timed prompts only. One timed prompt is 6.25 points
 # of syntax validity, so "equal quality" judged on 16 prompts is mostly noise; on 164 a problem is
 # 0.6 points.
-HUMANEVAL_CONFIGS = (MAIN, "threshold-0.7", MAIN + "-int8wo", "threshold-0.7-int8wo", AR, AR + "-int8wo")
+HUMANEVAL_CONFIGS = (MAIN, "threshold-0.7", "threshold-0.5", "factor-1.0", MAIN + "-int8wo", "threshold-0.7-int8wo",
+                     AR, AR + "-int8wo")
 
 
 @dataclass(frozen=True)
