@@ -145,10 +145,11 @@ class EngineBridge:
         elif kind == "abort":
             rid = cmd[1]
             if self._sinks.pop(rid, None) is not None:
-                self.engine.abort(rid)
+                # Counted first: another thread that sees the engine idle must also see the count.
                 self.aborted += 1
                 if self.metrics:
                     self.metrics.requests.labels("aborted").inc()
+                self.engine.abort(rid)
         elif kind == "stop":
             self._stopping = True
 
