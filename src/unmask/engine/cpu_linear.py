@@ -50,11 +50,11 @@ class WeightLeftLinear(nn.Module):
         self.in_features, self.out_features = linear.in_features, linear.out_features
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # Row-major rows: W @ (column-major x).T is a different MKL case, and measured as slow as F.linear.
-        x2 = x.reshape(-1, x.shape[-1]).contiguous()
-        if x2.shape[0] > MAX_ROWS:
+        m = x.numel() // x.shape[-1]
+        if m > MAX_ROWS:
             return F.linear(x, self.weight, self.bias)
-        m = x2.shape[0]
+        # Row-major rows: W @ (column-major x).T is a different MKL case, and measured as slow as F.linear.
+        x2 = x.reshape(m, x.shape[-1]).contiguous()
         if (p := padded_rows(m)) != m:
             x2 = F.pad(x2, (0, 0, 0, p - m))
         y = torch.mm(self.weight, x2.t())[:, :m].t()
