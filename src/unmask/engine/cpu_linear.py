@@ -27,6 +27,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .quantize import swap_linears
+
 MAX_ROWS = 256  # measured crossover (see above); above it F.linear
 
 
@@ -74,13 +76,6 @@ def weight_left(net: nn.Module) -> nn.Module:
     not copied, so this costs no memory and the caller's module is left as it was."""
     memo = {id(t): t for t in [*net.parameters(), *net.buffers()]}
     out = copy.deepcopy(net, memo)
-    _swap(out)
+    swap_linears(out, WeightLeftLinear)
     return out
 
-
-def _swap(module: nn.Module) -> None:
-    for name, child in module.named_children():
-        if isinstance(child, nn.Linear):
-            setattr(module, name, WeightLeftLinear(child))
-        else:
-            _swap(child)

@@ -95,12 +95,13 @@ class Int8WeightOnlyLinear(nn.Module):
         return y.reshape(*shape[:-1], self.out_features).to(x.dtype)
 
 
-def _swap_linears(module: nn.Module, cls: type[nn.Module]) -> None:
+def swap_linears(module: nn.Module, cls: type[nn.Module]) -> None:
+    """Replace every nn.Linear under `module`, in place, with cls(linear)."""
     for name, child in module.named_children():
         if isinstance(child, nn.Linear):
             setattr(module, name, cls(child))
         else:
-            _swap_linears(child, cls)
+            swap_linears(child, cls)
 
 
 def quantize_model(model, mode: str):
@@ -120,6 +121,6 @@ def quantize_model(model, mode: str):
     else:
         net.lm_head = nn.Linear(net.lm_head.in_features, net.lm_head.out_features, bias=False)
         net.lm_head.weight = nn.Parameter(model.net.lm_head.weight.detach().clone())  # untie before quantizing
-        _swap_linears(net, Int8Linear if mode == "int8" else Int8WeightOnlyLinear)
+        swap_linears(net, Int8Linear if mode == "int8" else Int8WeightOnlyLinear)
     q.net = net.eval()
     return q
