@@ -13,7 +13,8 @@ Best of 3 repeats of 400 calls each.
 --model: every linear layer of a saved model, called in turn as one forward pass calls them, so the
 weights come from memory and not from cache (one layer alone fits in L2/L3 and flatters the
 kernel), ms per pass at each row count: fp32 `F.linear` (torch's `x @ W.T`), the engine's fp32
-CPU layer (`(W @ x.T).T` with padded rows, engine/cpu_linear.py) and its int8 weight-only layer
+CPU layer (oneDNN-packed weights, or `(W @ x.T).T` with padded rows at 2-4 rows; engine/cpu_linear.py)
+and its int8 weight-only layer
 (engine/quantize.py). The three are timed in turn, round after round, and the best round of each
 is kept, so a noisy neighbour slows all three alike.
 """
@@ -68,12 +69,12 @@ def main() -> None:
 
 def whole_model(path: str, rows: list[int], rounds: int) -> None:
     import unmask
-    from unmask.engine.cpu_linear import WeightLeftLinear
+    from unmask.engine.cpu_linear import CpuLinear, cpu_linears
     from unmask.engine.quantize import Int8WeightOnlyLinear
 
     net = unmask.load(path).net
     fp = [m for m in net.modules() if isinstance(m, torch.nn.Linear)]
-    kinds = {"F.linear": fp, "engine fp32": [WeightLeftLinear(m) for m in fp],
+    kinds = {"F.linear": fp, "engine fp32": [m for m in cpu_linears(net).modules() if isinstance(m, CpuLinear)],
              "int8wo": [Int8WeightOnlyLinear(m) for m in fp]}
     mb = sum(m.weight.numel() for m in fp) * 4 / 1e6
     print(f"{path}: {len(fp)} linear layers, {mb:.1f} MB of fp32 weights; ms per pass, best of {rounds} rounds")

@@ -1,13 +1,14 @@
 """Where an engine step spends its time, at batch 1 and 16, for the dLLM and the AR twin.
 
     .venv/bin/python bench/profile_engine.py [--threads 2] [--tokens 128] [--rows 12] [--batches 1 16]
-                                             [--quantize int8wo] [--no-profile] [--torch-linear]
+                                             [--quantize int8wo] [--no-profile] [--torch-linear | --no-pack]
 
 For each model and batch it prints: tok/s and TPF, then the step split into phases (runner
 input building, model forward, policy, per-request bookkeeping), measured with wall clocks around
 the same calls `Engine.step` makes, then torch.profiler's top operators by self CPU time.
 --torch-linear: fp32 linears through torch's F.linear instead of the engine's CPU order
-(engine/cpu_linear.py), for an A/B on the same machine.
+(engine/cpu_linear.py), for an A/B on the same machine. --no-pack: the engine's CPU linears without
+their oneDNN-packed weights (`(W @ x.T).T` at every row count up to 256).
 """
 from __future__ import annotations
 
@@ -89,7 +90,10 @@ def main():
     ap.add_argument("--quantize", default=None, help="engine weight quantization (int8, int8wo, bf16)")
     ap.add_argument("--no-profile", action="store_true", help="wall-clock phases only, no operator table")
     ap.add_argument("--torch-linear", action="store_true", help="fp32 linears via F.linear (engine/cpu_linear.py off)")
+    ap.add_argument("--no-pack", action="store_true", help="the engine's CPU linears without oneDNN-packed weights")
     a = ap.parse_args()
+    if a.no_pack:
+        engine_mod.cpu_linear.PACK_LIMIT_BYTES = -1
     if a.torch_linear:
         engine_mod.cpu_linear.applies = lambda net: False
     torch.set_num_threads(a.threads)

@@ -73,7 +73,7 @@ class Engine:
             self.model = model
         self.net = model.net
         if quantize is None and cpu_linear.applies(self.net):
-            self.net = cpu_linear.weight_left(self.net)
+            self.net = cpu_linear.cpu_linears(self.net)
         if compile:
             # Measured on the 2-core CPU (AR twin, batch 1): 9x slower than eager, because ragged
             # batch and cache shapes keep recompiling. It needs static shape buckets to pay off.

@@ -21,6 +21,7 @@ import copy
 import functools
 import time
 import warnings
+from collections.abc import Callable
 
 import torch
 import torch.nn as nn
@@ -95,7 +96,7 @@ class Int8WeightOnlyLinear(nn.Module):
         return y.reshape(*shape[:-1], self.out_features).to(x.dtype)
 
 
-def swap_linears(module: nn.Module, cls: type[nn.Module]) -> None:
+def swap_linears(module: nn.Module, cls: Callable[[nn.Linear], nn.Module]) -> None:
     """Replace every nn.Linear under `module`, in place, with cls(linear)."""
     for name, child in module.named_children():
         if isinstance(child, nn.Linear):
