@@ -19,7 +19,8 @@ Measured on the 2-core AVX2 EPYC, one whole forward of the default dLLM, ms (int
     (W @ x.T).T   8.3   7.8   9.2  11.6  11.5  15.5  21.3  31.3  53.5
     oneDNN        7.9   8.6   9.9  10.7  11.0  14.1  19.2  29.0  50.3
 
-The engine at 16 in flight measured 11-13% more tok/s for both default models with the oneDNN rows.
+In the engine (interleaved A/B, `bench/profile_engine.py --no-pack` is the switch) 16 requests in flight
+ran 5-15% faster for the dLLM and 1-6% for the AR twin; batch 1 stayed within this VM's noise.
 Beyond MAX_ROWS rows (prefill) `F.linear` measured a little faster than either, and keeps them.
 
 The packed copy is a second fp32 copy of every weight, so it is only kept while the model's linear
