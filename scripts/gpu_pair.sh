@@ -11,6 +11,12 @@
 #                 resume both to that step (the AR twin finishes first); put the dLLM in $OUT
 #   leg3          put the AR twin in $OUT
 #
+# Or, where the lease keeps a machine warm between commands and lets a new process session outlive
+# its command (setsid), train straight through with no leg boundary (no recompile, no resume):
+#   start SECONDS watch W   unpack, launch both trainers detached with --time-limit SECONDS, then watch
+#   watch W                 report progress for up to W seconds or until both trainers have exited
+#   ship KIND               put KIND's final export (else its partial one) and the logs in $OUT
+#
 # Models travel as a tar of the bf16 export cut into 15 MiB pieces: cat them and untar.
 # .gpu/ holds train.part*.xz (pieces of corpus/default/train.bin), val.bin.xz, tokenizer.json and
 # manifest.json from `unmask data build`.
@@ -79,7 +85,39 @@ ship() {  # ship DIR NAME: the export as a tar in 15 MiB pieces
 
 logs() { tar -C "$RUNS" -czf "$OUT/logs-$leg.tgz" --exclude=checkpoints --exclude=final --exclude=partial . ; }
 
+detach() {  # start both trainers in their own process session so that they outlive this command
+  local k
+  for k in bd3lm ar; do
+    rm -f "$RUNS/$k.rc"
+    setsid bash -c "python3 -m unmask.cli train '$CONFIGS/coder-$k.toml' --out '$RUNS/$k' $* > '$RUNS/$k.out' 2>&1 < /dev/null; echo \$? > '$RUNS/$k.rc'" > /dev/null 2>&1 &
+  done
+  echo "started both trainers at $(date +%T)"
+}
+
+watch() {  # watch SECONDS: progress every minute until both trainers wrote their exit code
+  local end=$((SECONDS + $1)) k
+  while [ $SECONDS -lt $end ]; do
+    [ -f "$RUNS/bd3lm.rc" ] && [ -f "$RUNS/ar.rc" ] && break
+    sleep 10
+    [ $((SECONDS % 60)) -lt 10 ] || continue
+    echo "-- $(date +%T) $(nvidia-smi --query-gpu=utilization.gpu,memory.used --format=csv,noheader 2>/dev/null)"
+    for k in bd3lm ar; do echo "$k: $(tail -n 1 "$RUNS/$k/log.jsonl" 2>/dev/null | cut -c1-220) rc=$(cat "$RUNS/$k.rc" 2>/dev/null)"; done
+  done
+  for k in bd3lm ar; do echo "== $k rc=$(cat "$RUNS/$k.rc" 2>/dev/null)"; tr "\r" "\n" < "$RUNS/$k.out" | grep -v "^train:" | tail -n 8; done
+  logs
+}
+
 case $leg in
+  start)
+    setup
+    detach --time-limit "$2"
+    [ "${3:-}" = watch ] && watch "$4" ;;
+  watch)
+    watch "$2" ;;
+  ship)
+    setup > /dev/null
+    logs
+    if [ -d "$RUNS/$2/final" ]; then ship "$RUNS/$2/final" "$2-final"; else ship "$RUNS/$2/partial" "$2-partial"; fi ;;
   leg1)
     setup
     pair --time-limit "$2"; rc=$?
