@@ -201,6 +201,17 @@ def test_positions_beyond_max_seq_len_raise():
         m(tokens(1, 4), positions=torch.arange(13, 17))
 
 
+@pytest.mark.parametrize("explicit", [False, True])
+def test_forward_compiles_without_a_graph_break(explicit):
+    """The max_seq_len check is a host sync: under torch.compile it must not split the training
+    forward in two (the BD3-LM loss passes explicit positions, the AR loss none)."""
+    m = make_model(attention="causal")
+    kwargs = {"positions": torch.arange(L)} if explicit else {}
+    torch._dynamo.reset()
+    report = torch._dynamo.explain(m)(tokens(), **kwargs)
+    assert report.graph_break_count == 0, report.break_reasons
+
+
 def test_explicit_default_positions_match():
     m = make_model()
     x = tokens()

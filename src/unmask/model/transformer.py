@@ -182,14 +182,19 @@ class Transformer(nn.Module):
         """
         B, T = idx.shape
         if positions is None:
+            if T > self.config.max_seq_len:
+                raise ValueError(f"position {T - 1} exceeds max_seq_len {self.config.max_seq_len}")
             positions = torch.arange(T, device=idx.device)
+        else:
+            # The check is a host sync, which CUDA graph capture forbids and which would break a
+            # torch.compile graph in two on every training step; the engine's graphed steps carry
+            # positions of requests it already fitted into the context, and the trainer checks
+            # seq_len against max_seq_len before it compiles.
+            capturing = positions.is_cuda and torch.cuda.is_current_stream_capturing()
+            if not capturing and not torch.compiler.is_compiling() and int(positions.max()) >= self.config.max_seq_len:
+                raise ValueError(f"position {int(positions.max())} exceeds max_seq_len {self.config.max_seq_len}")
         if positions.dim() == 1:
             positions = positions.unsqueeze(0).expand(B, T)
-        # The check is a host sync, which CUDA graph capture forbids; the engine's graphed decode
-        # steps only carry positions of requests it already fitted into the context.
-        capturing = positions.is_cuda and torch.cuda.is_current_stream_capturing()
-        if not capturing and int(positions.max()) >= self.config.max_seq_len:
-            raise ValueError(f"position {int(positions.max())} exceeds max_seq_len {self.config.max_seq_len}")
         is_causal = False
         if attn_mask is None:
             if kv_cache is not None:
