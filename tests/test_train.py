@@ -319,12 +319,12 @@ def test_train_tokens_restricts_the_windows_to_a_prefix_and_rejects_too_many(tmp
 
 @pytest.mark.parametrize("kind", ["bd3lm", "ar"])
 def test_v4_gpu_recipe_is_v3_plus_the_fim_format(kind):
-    """configs/gpu/v4 must differ from the shipped version-3 recipe only in how FIM examples are made,
-    so that a v4-vs-v3 comparison measures the FIM format and nothing else."""
+    """The shipped version-4 recipe (configs/gpu) must differ from version 3's (configs/gpu/v3) only in
+    how FIM examples are made, so that the cards' v4-vs-v3 comparison measures the FIM format alone."""
     from unmask.config import load_train_config
 
     root = Path(__file__).resolve().parents[1] / "configs" / "gpu"
-    v3, v4 = load_train_config(root / f"coder-{kind}.toml"), load_train_config(root / "v4" / f"coder-{kind}.toml")
+    v3, v4 = load_train_config(root / "v3" / f"coder-{kind}.toml"), load_train_config(root / f"coder-{kind}.toml")
     fim = {"fim_end": True, "fim_line_rate": 0.5, "fim_max_lines": 3, "fim_layout": "spm"}
     assert v4.data.model_dump() == {**v3.data.model_dump(), **fim}
     assert v4.model_dump(exclude={"data"}) == v3.model_dump(exclude={"data"})
