@@ -190,8 +190,8 @@ class Transformer(nn.Module):
             # torch.compile graph in two on every training step; the engine's graphed steps carry
             # positions of requests it already fitted into the context, and the trainer checks
             # seq_len against max_seq_len before it compiles.
-            capturing = positions.is_cuda and torch.cuda.is_current_stream_capturing()
-            if not capturing and not torch.compiler.is_compiling() and int(positions.max()) >= self.config.max_seq_len:
+            skip = torch.compiler.is_compiling() or (positions.is_cuda and torch.cuda.is_current_stream_capturing())
+            if not skip and int(positions.max()) >= self.config.max_seq_len:
                 raise ValueError(f"position {int(positions.max())} exceeds max_seq_len {self.config.max_seq_len}")
         if positions.dim() == 1:
             positions = positions.unsqueeze(0).expand(B, T)
