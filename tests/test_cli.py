@@ -92,6 +92,13 @@ def test_unknown_policy(model_dir):
     assert_user_error(cli("generate", "--model", str(model_dir), "--policy", "bogus", "x"), "unknown policy", "bogus")
 
 
+def test_unknown_fallback(model_dir):
+    assert_user_error(cli("generate", "--model", str(model_dir), "--fallback", "left", "x"),
+                      "unknown fallback 'left'; choose one of: best, leftmost")
+    assert_user_error(cli("generate", "--model", str(model_dir), "--reference", "--fallback", "leftmost", "x"),
+                      "--fallback applies to the engine")
+
+
 def test_malformed_manifest(tmp_path):
     m = tmp_path / "m.toml"
     m.write_text("[corpus\nstdlib = true\n")

@@ -186,6 +186,8 @@ def random_params(rng: random.Random, attention: str) -> SamplingParams:
         kw["threshold"] = rng.choice([0.5, 1.0, 2.0])
     else:
         kw["threshold"] = rng.choice([0.3, 1.0, 3.0])
+    if policy != "topk":
+        kw["fallback"] = rng.choice([None, "best", "leftmost"])
     if attention == "full":
         kw["block_size"] = rng.choice([3, 4, 8])
     return SamplingParams(**kw)
@@ -481,6 +483,7 @@ BAD = [
     (dict(steps=0), "steps must be at least 1"),
     (dict(temperature=-1.0), "temperature"),
     (dict(stop=[""]), "stop strings must not be empty"),
+    (dict(policy="threshold", fallback="left"), "unknown fallback 'left'; choose one of: best, leftmost"),
 ]
 
 
@@ -580,6 +583,32 @@ def test_threshold_policy_commits_several_tokens_per_forward(fresh, attention):
         assert o.completion_tokens == 16 and o.nfe < 16
         assert o.tokens_per_forward == o.completion_tokens / o.nfe > 1.0
     assert min(o.nfe for o in outs) >= 4  # at least one forward per block
+
+
+def test_leftmost_fallback_equals_naive_left_to_right_loop(fresh):
+    """Threshold 1.0 commits nothing by its rule, so the leftmost fallback writes each block in
+    position order, one token per forward: the same tokens as an uncached greedy loop that fills the
+    leftmost mask of the current block from a full forward of the canvas."""
+    from unmask.sampling import block_spans
+
+    model = fresh("block")
+    bias_eos(model)
+    mask_id = model.config.mask_token_id
+    engine = Engine(model)
+    for n, mt in ((1, 5), (3, 9), (6, 12)):
+        prompt = prompt_ids(n, 7 * n)
+        canvas = torch.tensor(prompt + [mask_id] * mt)
+        with torch.no_grad():
+            for b, e in block_spans(n, n + mt, BLOCK):
+                for i in range(b, e):
+                    logits = model.net(canvas[None], logits_from=b, logits_to=e)[0, i - b]
+                    logits[mask_id] = float("-inf")
+                    canvas[i] = int(logits.argmax())
+        out = engine.generate([prompt], SamplingParams(max_tokens=mt, policy="threshold", threshold=1.0,
+                                                       fallback="leftmost"))[0]
+        assert out.token_ids == canvas[n:].tolist() and out.nfe == mt
+        best = engine.generate([prompt], SamplingParams(max_tokens=mt, policy="threshold", threshold=1.0))[0]
+        assert best.nfe == mt
 
 
 @pytest.mark.parametrize("attention", ["block", "causal"])

@@ -10,7 +10,8 @@ import torch
 from unmask.errors import UserError
 from unmask.sampling.noise import make_generator, propose, select_topk
 from unmask.sampling.policies import (
-    POLICIES, Proposal, StepParams, propose_batch, select_commits, step_k, validate_policy,
+    FALLBACKS, POLICIES, Proposal, StepParams, propose_batch, select_commits, step_k, validate_fallback,
+    validate_policy,
 )
 from unmask.sampling.schedule import num_transfer_tokens
 
@@ -20,21 +21,34 @@ NAMES = list(POLICIES)
 
 # ---- slow per-row rules: plain Python on lists --------------------------------------------------
 
-def slow_commit(name, conf, margin, entropy, masked, k, thr):
+def slow_commit(name, conf, margin, entropy, masked, k, thr, fallback="best"):
     """The set of positions one row commits, straight from the rule's definition."""
     cands = [i for i, m in enumerate(masked) if m]
     if not cands:
         return set()
+    picked = slow_rule(name, conf, margin, entropy, cands, k, thr)
+    if picked:
+        return picked
+    if name == "topk" or fallback == "best":
+        return {slow_order(name, conf, margin, entropy, cands)[0]}
+    return {cands[0]}
+
+
+def slow_order(name, conf, margin, entropy, cands):
     if name == "entropy":
-        order = sorted(cands, key=lambda i: (entropy[i], i))
-    else:
-        score = margin if name == "margin" else conf
-        order = sorted(cands, key=lambda i: (-score[i], i))
+        return sorted(cands, key=lambda i: (entropy[i], i))
+    score = margin if name == "margin" else conf
+    return sorted(cands, key=lambda i: (-score[i], i))
+
+
+def slow_rule(name, conf, margin, entropy, cands, k, thr):
+    """What the rule itself picks from the masked positions `cands`; may be nothing."""
+    order = slow_order(name, conf, margin, entropy, cands)
     if name == "topk":
-        return set(order[:max(1, min(k, len(cands)))])
+        return set(order[:min(k, len(cands))])
     if name in ("threshold", "margin"):
         score = margin if name == "margin" else conf
-        return {order[0]} | {i for i in cands if score[i] >= thr}
+        return {i for i in cands if score[i] >= thr}
     if name == "factor":
         n = 0
         for j, i in enumerate(order, start=1):
@@ -42,7 +56,7 @@ def slow_commit(name, conf, margin, entropy, masked, k, thr):
                 n = j
             else:
                 break
-        return set(order[:max(n, 1)])
+        return set(order[:n])
     if name == "entropy":
         total, n = 0.0, 0
         for i in order:
@@ -51,7 +65,7 @@ def slow_commit(name, conf, margin, entropy, masked, k, thr):
                 n += 1
             else:
                 break
-        return set(order[:max(n, 1)])
+        return set(order[:n])
     raise AssertionError(name)
 
 
@@ -66,7 +80,7 @@ def slow_stats(logits_row):
     return out
 
 
-def params_for(names, k, thr, temp=None, top_p=None):
+def params_for(names, k, thr, temp=None, top_p=None, fallback=None):
     B = len(names)
     return StepParams(
         policy=torch.tensor([POLICIES[n] for n in names], dtype=torch.int64),
@@ -74,6 +88,7 @@ def params_for(names, k, thr, temp=None, top_p=None):
         threshold=torch.tensor(thr, dtype=torch.float64),
         temperature=torch.tensor(temp if temp is not None else [0.0] * B, dtype=torch.float64),
         top_p=torch.tensor(top_p if top_p is not None else [1.0] * B, dtype=torch.float64),
+        fallback=None if fallback is None else torch.tensor([FALLBACKS[f] for f in fallback]),
     )
 
 
@@ -102,13 +117,14 @@ def random_masked(rnd, T):
 
 # ---- select_commits against the slow rules -------------------------------------------------------
 
-def check_against_slow(prop, masked, names, k, thr):
-    commit = select_commits(prop, masked, params_for(names, k, thr))
+def check_against_slow(prop, masked, names, k, thr, fallback=None):
+    commit = select_commits(prop, masked, params_for(names, k, thr, fallback=fallback))
     assert commit.dtype == torch.bool and commit.shape == masked.shape
     assert not (commit & ~masked).any()
     for b, name in enumerate(names):
         want = slow_commit(name, prop.confidence[b].tolist(), prop.margin[b].tolist(),
-                           prop.entropy[b].tolist(), masked[b].tolist(), k[b], thr[b])
+                           prop.entropy[b].tolist(), masked[b].tolist(), k[b], thr[b],
+                           "best" if fallback is None else fallback[b])
         got = set(commit[b].nonzero().flatten().tolist())
         assert got == want, (name, b, thr[b], k[b])
         assert (len(got) >= 1) == bool(masked[b].any())
@@ -130,7 +146,8 @@ def test_rules_match_slow_with_ties():
         k = [rnd.randint(0, T + 2) for _ in range(B)]
         thr = [rnd.choice([0.5, 0.9, 1.0, 0.25, 0.1]) if n != "factor" else rnd.choice([0.5, 1.0, 2.0])
                for n in names]
-        check_against_slow(prop, masked, names, k, thr)
+        fallback = rnd.choice([None, [rnd.choice(list(FALLBACKS)) for _ in range(B)]])
+        check_against_slow(prop, masked, names, k, thr, fallback)
 
 
 def test_rules_match_slow_on_model_logits():
@@ -146,7 +163,8 @@ def test_rules_match_slow_on_model_logits():
         names = [rnd.choice(NAMES) for _ in range(B)]
         k = [rnd.randint(1, T) for _ in range(B)]
         thr = [random_threshold(n, rnd) for n in names]
-        check_against_slow(prop, masked, names, k, thr)
+        fallback = rnd.choice([None, [rnd.choice(list(FALLBACKS)) for _ in range(B)]])
+        check_against_slow(prop, masked, names, k, thr, fallback)
 
 
 # ---- propose_batch -------------------------------------------------------------------------------
@@ -338,7 +356,52 @@ def test_threshold_commits_several_when_confident():
     assert per_step[0] == 5 and sum(per_step) == 8
 
 
+def test_leftmost_fallback_decodes_left_to_right_when_unsure():
+    """Threshold 1.0 passes nothing (p < 1 everywhere): the leftmost fallback then writes the block in
+    position order, one per step, whatever the confidences; "best" follows the confidences."""
+    g = torch.Generator().manual_seed(10)
+    T = 8
+    for fallback, want_order in (("leftmost", list(range(T))), ("best", None)):
+        canvas = torch.full((1, T), MASK)
+        order = []
+        while (canvas == MASK).any():
+            prop = propose_batch(torch.randn(1, T, 10, generator=g) * 3, MASK, torch.zeros(1), torch.ones(1), [None])
+            commit = select_commits(prop, canvas == MASK, params_for(["threshold"], [1], [1.0], fallback=[fallback]))
+            assert int(commit.sum()) == 1
+            pos = int(commit[0].nonzero()[0])
+            if fallback == "best":
+                masked_conf = prop.confidence[0].masked_fill(canvas[0] != MASK, -1.0)
+                assert pos == int(masked_conf.argmax())
+            order.append(pos)
+            canvas[commit] = prop.tokens[commit]
+        if want_order is not None:
+            assert order == want_order
+
+
+def test_fallback_leaves_confident_steps_and_topk_alone():
+    g = torch.Generator().manual_seed(11)
+    B, T = 6, 8
+    logits = torch.randn(B, T, 10, generator=g)
+    logits[:, 5:, 7] += 12.0  # positions 5..7 pass tau = 0.9 in every row
+    prop = propose_batch(logits, MASK, torch.zeros(B), torch.ones(B), [None] * B)
+    masked = torch.ones(B, T, dtype=torch.bool)
+    names = ["threshold", "factor", "margin", "topk", "topk", "entropy"]
+    k, thr = [1, 1, 1, 2, 0, 1], [0.9, 1.0, 0.9, 0.9, 0.9, 0.05]
+    best = select_commits(prop, masked, params_for(names, k, thr, fallback=["best"] * B))
+    left = select_commits(prop, masked, params_for(names, k, thr, fallback=["leftmost"] * B))
+    assert torch.equal(best, left)
+    assert torch.equal(best, select_commits(prop, masked, params_for(names, k, thr)))
+    assert best[0].nonzero().flatten().tolist() == [5, 6, 7]
+
+
 # ---- validation ----------------------------------------------------------------------------------
+
+def test_validate_fallback():
+    for name in FALLBACKS:
+        validate_fallback(name)
+    with pytest.raises(UserError, match="unknown fallback 'left'; choose one of: best, leftmost"):
+        validate_fallback("left")
+
 
 @pytest.mark.parametrize("name,thr", [("topk", None), ("topk", 5.0), ("threshold", 0.9), ("threshold", 1.0),
                                       ("margin", 0.1), ("factor", 3.0), ("entropy", 0.1), ("entropy", None)])

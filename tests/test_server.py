@@ -57,6 +57,10 @@ def test_completion_extensions_change_decoding(client):
     assert client.completions.create(**base).model_extra["stats"]["nfe"] == 16  # default: one token per step
     thr = client.completions.create(**base, extra_body={"policy": "threshold", "threshold": 0.5})
     assert 4 <= thr.model_extra["stats"]["nfe"] <= 16
+    # tau = 1 passes nothing, so every step falls back to one position: the leftmost, in order.
+    left = client.completions.create(**base, extra_body={"policy": "threshold", "threshold": 1.0,
+                                                         "fallback": "leftmost"})
+    assert left.model_extra["stats"]["nfe"] == left.usage.completion_tokens
 
 
 def test_chat(client):
@@ -168,6 +172,7 @@ BAD = [
     ("unknown policy", {"prompt": "x", "policy": "greedy"}, "policy"),
     ("threshold above 1", {"prompt": "x", "policy": "threshold", "threshold": 1.5}, "threshold"),
     ("threshold zero", {"prompt": "x", "policy": "margin", "threshold": 0}, "threshold"),
+    ("unknown fallback", {"prompt": "x", "policy": "threshold", "fallback": "left"}, "fallback"),
     ("negative temperature", {"prompt": "x", "temperature": -1}, "temperature"),
     ("top_p zero", {"prompt": "x", "top_p": 0}, "top_p"),
     ("token id out of vocab", {"prompt": [10**6]}, "prompt"),

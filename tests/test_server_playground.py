@@ -60,6 +60,7 @@ def test_playground_generates_and_shows_the_canvas(browser, tiny, tmp_path):  # 
         page.fill("#prompt", prompt)
         page.select_option("#policy", "threshold")
         page.fill("#threshold", "0.7")
+        page.select_option("#fallback", "leftmost")
         page.fill("#max-tokens", str(max_tokens))
         if not path:
             page.fill("#block-size", "4")
@@ -85,7 +86,8 @@ def test_playground_generates_and_shows_the_canvas(browser, tiny, tmp_path):  # 
     # the same request through the API gives the text the page shows
     import httpx
     with live(model) as s:
-        body = {"prompt": prompt, "max_tokens": max_tokens, "policy": "threshold", "threshold": 0.7, "temperature": 0}
+        body = {"prompt": prompt, "max_tokens": max_tokens, "policy": "threshold", "threshold": 0.7, "temperature": 0,
+                "fallback": "leftmost"}
         if not path:
             body["block_size"] = 4
         api = httpx.post(s.url + "/v1/completions", json=body, timeout=120).json()

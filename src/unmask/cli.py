@@ -15,6 +15,8 @@ from .errors import UserError
 QUANT_MODES = ("int8", "int8wo", "bf16")
 QUANT_HELP = ("quantize weights: int8wo (int8 weights, fastest on CPUs without int8 dot products), "
               "int8 (int8 weights and activations, for VNNI/AMX CPUs), bf16 (CUDA)")
+FALLBACK_HELP = ("what a step commits when the policy picks no position (not topk): the one it ranks first (best) "
+                 "or the leftmost masked one (leftmost); default: the model's")
 
 
 def _positive_int(s: str) -> int:
@@ -69,6 +71,8 @@ def cmd_generate(a) -> None:
     model = load(a.model)
     prompt = a.prompt if a.prompt != "-" else sys.stdin.read()
     if a.reference:
+        if a.fallback is not None:
+            raise UserError("--fallback applies to the engine's policies; drop --reference or --fallback")
         from .engine.healing import ASCII_WHITESPACE, split_trailing_whitespace, unheal
         from .sampling import reference_generate
 
@@ -85,8 +89,8 @@ def cmd_generate(a) -> None:
 
         engine = Engine(model, max_batch=1, quantize=a.quantize, cache=a.cache)
         params = SamplingParams(max_tokens=a.max_tokens, temperature=a.temperature, top_p=a.top_p, policy=a.policy,
-                                threshold=a.threshold, steps=a.steps, block_size=a.block_size, seed=a.seed,
-                                suffix=a.suffix, stop=a.stop, heal=a.heal)
+                                threshold=a.threshold, fallback=a.fallback, steps=a.steps, block_size=a.block_size,
+                                seed=a.seed, suffix=a.suffix, stop=a.stop, heal=a.heal)
         out = engine.generate([prompt], params)[0]
         stats = dict(text=out.text, completion_tokens=out.completion_tokens, nfe=out.nfe, seconds=out.seconds,
                      finish_reason=out.finish_reason, ttft=out.ttft)
@@ -155,7 +159,10 @@ def _eval_setup(a):
     sampler = "reference" if a.reference else "engine"
     if a.quantize and a.reference:
         raise UserError("--quantize applies to the engine; drop --reference or --quantize")
-    return model, Decoding(a.eval_command, sampler, policy, a.threshold, steps_ratio, quantize=a.quantize)
+    if a.fallback is not None and a.reference:
+        raise UserError("--fallback applies to the engine's policies; drop --reference or --fallback")
+    return model, Decoding(a.eval_command, sampler, policy, a.threshold, steps_ratio, quantize=a.quantize,
+                           fallback=a.fallback)
 
 
 def _eval_report(a, res: dict, summary: str, per_key: str) -> None:
@@ -302,6 +309,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--max-tokens", type=_positive_int, default=None)
     g.add_argument("--policy", default=None)
     g.add_argument("--threshold", type=float, default=None)
+    g.add_argument("--fallback", default=None, help=FALLBACK_HELP)
     g.add_argument("--steps", type=_positive_int, default=None)
     g.add_argument("--block-size", type=_positive_int, default=None)
     g.add_argument("--temperature", type=float, default=None)
@@ -353,6 +361,7 @@ def build_parser() -> argparse.ArgumentParser:
         q.add_argument("--max-tokens", type=_positive_int, default=max_tokens, help=f"generation length (default {max_tokens})")
         q.add_argument("--policy", default=None, help="topk, threshold, factor, entropy or margin (default: the model's)")
         q.add_argument("--threshold", type=float, default=None, help="the policy's parameter (tau, factor or gamma)")
+        q.add_argument("--fallback", default=None, help=FALLBACK_HELP)
         q.add_argument("--steps", type=_positive_int, default=None, help="topk: total diffusion steps")
         q.add_argument("--batch", type=_positive_int, default=batch, help=f"requests in flight (default {batch})")
         q.add_argument("--reference", action="store_true", help="use the slow reference sampler (one at a time)")

@@ -103,6 +103,9 @@ class GenerationConfig(Strict):
 
     policy: str = "topk"
     threshold: float = 0.9
+    # What a step commits when the policy's rule picks nothing (sampling/policies.py FALLBACKS): the
+    # position the rule ranks first ("best", Fast-dLLM) or the leftmost masked one.
+    fallback: Literal["best", "leftmost"] = "best"
     steps: int | None = None  # None -> one step per token (the exact, slow end)
     block_size: int = 32
     max_tokens: int = 128

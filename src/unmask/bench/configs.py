@@ -10,21 +10,28 @@ REFERENCE = "reference"
 AR = "ar"
 MAIN = "threshold-0.9"  # the dLLM configuration the headline targets use
 
-# (system, decoding). system "dllm" runs on --model, "ar" on --ar-model.
+# (system, decoding). system "dllm" runs on --model, "ar" on --ar-model. The policies other than topk
+# name their fallback (sampling/policies.py FALLBACKS), so a model's generation_config cannot change
+# what a row measures: "-leftmost" rows commit the leftmost masked position when the rule picks none.
+BEST, LEFT = "best", "leftmost"
 CONFIGS: tuple[tuple[str, Decoding], ...] = (
     ("dllm", Decoding(REFERENCE, "reference", "topk", steps_ratio=1.0)),
     ("dllm", Decoding("topk-L", "engine", "topk", steps_ratio=1.0)),
     ("dllm", Decoding("topk-L/2", "engine", "topk", steps_ratio=0.5)),
     ("dllm", Decoding("topk-L/4", "engine", "topk", steps_ratio=0.25)),
-    ("dllm", Decoding("threshold-0.9", "engine", "threshold", 0.9)),
-    ("dllm", Decoding("threshold-0.7", "engine", "threshold", 0.7)),
-    ("dllm", Decoding("threshold-0.5", "engine", "threshold", 0.5)),
-    ("dllm", Decoding("factor-1.0", "engine", "factor", 1.0)),
-    ("dllm", Decoding("entropy-0.1", "engine", "entropy", 0.1)),
-    ("dllm", Decoding("margin-0.9", "engine", "margin", 0.9)),
-    ("dllm", Decoding(MAIN + "-int8", "engine", "threshold", 0.9, quantize="int8")),
-    ("dllm", Decoding(MAIN + "-int8wo", "engine", "threshold", 0.9, quantize="int8wo")),
-    ("dllm", Decoding("threshold-0.7-int8wo", "engine", "threshold", 0.7, quantize="int8wo")),
+    ("dllm", Decoding("threshold-0.9", "engine", "threshold", 0.9, fallback=BEST)),
+    ("dllm", Decoding("threshold-0.7", "engine", "threshold", 0.7, fallback=BEST)),
+    ("dllm", Decoding("threshold-0.5", "engine", "threshold", 0.5, fallback=BEST)),
+    ("dllm", Decoding("threshold-0.9-leftmost", "engine", "threshold", 0.9, fallback=LEFT)),
+    ("dllm", Decoding("threshold-0.7-leftmost", "engine", "threshold", 0.7, fallback=LEFT)),
+    ("dllm", Decoding("threshold-0.5-leftmost", "engine", "threshold", 0.5, fallback=LEFT)),
+    ("dllm", Decoding("factor-1.0", "engine", "factor", 1.0, fallback=BEST)),
+    ("dllm", Decoding("entropy-0.1", "engine", "entropy", 0.1, fallback=BEST)),
+    ("dllm", Decoding("margin-0.9", "engine", "margin", 0.9, fallback=BEST)),
+    ("dllm", Decoding(MAIN + "-int8", "engine", "threshold", 0.9, quantize="int8", fallback=BEST)),
+    ("dllm", Decoding(MAIN + "-int8wo", "engine", "threshold", 0.9, quantize="int8wo", fallback=BEST)),
+    ("dllm", Decoding("threshold-0.7-int8wo", "engine", "threshold", 0.7, quantize="int8wo", fallback=BEST)),
+    ("dllm", Decoding("threshold-0.7-leftmost-int8wo", "engine", "threshold", 0.7, quantize="int8wo", fallback=LEFT)),
     ("ar", Decoding(AR, "engine", None)),
     ("ar", Decoding(AR + "-int8", "engine", None, quantize="int8")),
     ("ar", Decoding(AR + "-int8wo", "engine", None, quantize="int8wo")),
@@ -42,8 +49,9 @@ def ar_baseline(name: str) -> str:
 # The rest get pass@1 and syntax validity on the timed prompts only. One timed prompt is 6.25 points
 # of syntax validity, so "equal quality" judged on 16 prompts is mostly noise; on 164 a problem is
 # 0.6 points.
-HUMANEVAL_CONFIGS = (MAIN, "threshold-0.7", "threshold-0.5", "factor-1.0", MAIN + "-int8wo", "threshold-0.7-int8wo",
-                     AR, AR + "-int8wo")
+HUMANEVAL_CONFIGS = (MAIN, "threshold-0.7", "threshold-0.5", "threshold-0.9-leftmost", "threshold-0.7-leftmost",
+                     "threshold-0.5-leftmost", "factor-1.0", MAIN + "-int8wo", "threshold-0.7-int8wo",
+                     "threshold-0.7-leftmost-int8wo", AR, AR + "-int8wo")
 
 
 @dataclass(frozen=True)

@@ -171,6 +171,7 @@ class Engine:
             threshold=torch.tensor([r.s.threshold for r in reqs], dtype=torch.float64),
             temperature=torch.tensor([r.s.temperature for r in reqs], dtype=torch.float64),
             top_p=torch.tensor([r.s.top_p for r in reqs], dtype=torch.float64),
+            fallback=torch.tensor([r.s.fallback_id for r in reqs]),
         )
         used = set(params.policy.tolist())
         prop = propose_batch(logits, self.mask_id, params.temperature, params.top_p,

@@ -6,7 +6,7 @@ import dataclasses
 from dataclasses import dataclass, field
 
 from ..errors import UserError
-from ..sampling.policies import POLICIES, validate_policy
+from ..sampling.policies import FALLBACKS, POLICIES, validate_fallback, validate_policy
 from ..sampling.reference import Settings, resolve_settings
 
 # The one parameter each policy takes, when neither the request nor generation_config sets it.
@@ -22,6 +22,7 @@ class SamplingParams:
     top_p: float | None = None
     policy: str | None = None
     threshold: float | None = None  # tau (threshold, margin), f (factor) or gamma (entropy)
+    fallback: str | None = None  # "best" or "leftmost": what a step commits when the rule picks nothing
     steps: int | None = None  # topk only: total diffusion steps (default: one per token)
     block_size: int | None = None  # full-attention models only; block models use their own
     stop: list[str] | str | None = None
@@ -40,6 +41,7 @@ class Resolved(Settings):
     policy_id: int = 0
     threshold: float = 0.0
     stop: tuple[str, ...] = field(default_factory=tuple)
+    fallback_id: int = 0
 
 
 def resolve(model, params: SamplingParams, n_fixed: int) -> Resolved:
@@ -56,6 +58,8 @@ def resolve(model, params: SamplingParams, n_fixed: int) -> Resolved:
     else:
         threshold = POLICY_DEFAULTS[policy]
     validate_policy(policy, threshold)
+    fallback = params.fallback if params.fallback is not None else gen.fallback
+    validate_fallback(fallback)
     stop = params.stop
     if stop is None:
         stop = ()
@@ -68,4 +72,4 @@ def resolve(model, params: SamplingParams, n_fixed: int) -> Resolved:
     if any(x == "" for x in stop):
         raise UserError("stop strings must not be empty")
     return Resolved(s.max_tokens, s.steps, s.block_size, s.temperature, s.top_p, policy, POLICIES[policy],
-                    threshold, stop)
+                    threshold, stop, FALLBACKS[fallback])

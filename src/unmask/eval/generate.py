@@ -30,6 +30,7 @@ class Decoding:
     threshold: float | None = None  # tau / factor / gamma, per policy
     steps_ratio: float | None = None  # topk: steps = max_tokens * steps_ratio (1.0 = one token per forward)
     quantize: str | None = None  # engine weight quantization: None, "int8" or "bf16"
+    fallback: str | None = None  # engine policies other than topk: "best" or "leftmost"; None: the model's
 
     def steps(self, max_tokens: int) -> int | None:
         return None if self.steps_ratio is None else max(1, round(max_tokens * self.steps_ratio))
@@ -40,6 +41,8 @@ class Decoding:
             s += f", steps=length*{self.steps_ratio:g}"
         if self.threshold is not None:
             s += f", {self.threshold:g}"
+        if self.fallback is not None:
+            s += f", {self.fallback} fallback"
         if self.quantize is not None:
             s += f", {self.quantize} weights"
         return s
@@ -118,7 +121,7 @@ def warm_up(model, decoding: Decoding, prompt: str = "def f(x):\n    return") ->
 
 def _sampling_params(decoding: Decoding, task: Task, max_tokens: int, stop):
     return SamplingParams(max_tokens=max_tokens, temperature=0.0, policy=decoding.policy,
-                          threshold=decoding.threshold, steps=decoding.steps(max_tokens),
+                          threshold=decoding.threshold, fallback=decoding.fallback, steps=decoding.steps(max_tokens),
                           stop=list(stop) if stop else None, suffix=task.suffix, heal=False)
 
 

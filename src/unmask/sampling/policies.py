@@ -32,6 +32,15 @@ from .noise import gumbel_argmax, top_p_filter
 
 POLICIES = {"topk": 0, "threshold": 1, "factor": 2, "entropy": 3, "margin": 4}
 TOPK, THRESHOLD, FACTOR, ENTROPY, MARGIN = (POLICIES[n] for n in ("topk", "threshold", "factor", "entropy", "margin"))
+# What a step commits when its rule picks no position (every policy but topk): the position the rule
+# ranks first (Fast-dLLM), or the leftmost masked one, i.e. the token an AR model would write next.
+FALLBACKS = {"best": 0, "leftmost": 1}
+BEST, LEFTMOST = FALLBACKS["best"], FALLBACKS["leftmost"]
+
+
+def validate_fallback(name: str) -> None:
+    if name not in FALLBACKS:
+        raise UserError(f"unknown fallback {name!r}; choose one of: {', '.join(FALLBACKS)}")
 
 
 def validate_policy(name: str, threshold: float | None) -> None:
@@ -69,6 +78,7 @@ class StepParams:
     threshold: torch.Tensor    # (B,) float64: tau (threshold, margin), f (factor), gamma (entropy)
     temperature: torch.Tensor  # (B,) float64
     top_p: torch.Tensor        # (B,) float64
+    fallback: torch.Tensor | None = None  # (B,) int64 ids from FALLBACKS; None: "best" for every row
 
 
 @dataclass
@@ -164,8 +174,9 @@ def select_commits(prop: Proposal, masked: torch.Tensor, params: StepParams) -> 
       entropy   n = largest with e_1 + ... + e_n <= gamma           (rank by entropy, ascending)
       margin    n = #{margin >= tau}                               (rank by margin)
     then n is clipped to [1, n_masked] (every row with a masked position makes progress; one with none
-    commits nothing). All rules are computed for all rows with static shapes and no host sync, and
-    each row keeps its own policy's result.
+    commits nothing). A row whose rule gave n = 0 commits the position ranked first, or, with the
+    "leftmost" fallback (not for topk), its leftmost masked position instead. All rules are computed
+    for all rows with static shapes and no host sync, and each row keeps its own policy's result.
     """
     B, T = masked.shape
     dev = masked.device
@@ -199,11 +210,17 @@ def select_commits(prop: Proposal, masked: torch.Tensor, params: StepParams) -> 
     n = torch.where(p == FACTOR, n_factor, n)
     n = torch.where(p == ENTROPY, n_ent, n)
     n = torch.where(p == MARGIN, n_margin, n)
+    picked_none = n == 0
     n = torch.minimum(n.clamp(min=1), n_masked)  # n_masked == 0 -> 0
 
     order = torch.where(policy == MARGIN, by_margin, torch.where(policy == ENTROPY, by_entropy, by_conf))
     take_sorted = ranks.view(1, T) < n.view(B, 1)
-    return torch.zeros_like(masked).scatter(-1, order, take_sorted)
+    commit = torch.zeros_like(masked).scatter(-1, order, take_sorted)
+    if params.fallback is None:
+        return commit
+    leftmost = picked_none & (p != TOPK) & (params.fallback.to(dev).view(B) == LEFTMOST)
+    first_masked = masked & (masked.to(torch.int64).cumsum(-1) == 1)
+    return torch.where(leftmost.view(B, 1), first_masked, commit)
 
 
 def step_k(n_masked_at_block_start: torch.Tensor, steps_for_block: torch.Tensor,

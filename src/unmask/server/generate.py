@@ -63,7 +63,7 @@ def check(body, state, max_tokens: int | None) -> None:
 
 def sampling_params(body, max_tokens: int | None, suffix: str | None) -> SamplingParams:
     return SamplingParams(max_tokens=max_tokens, temperature=body.temperature, top_p=body.top_p,
-                          policy=body.policy, threshold=body.threshold, steps=body.steps,
+                          policy=body.policy, threshold=body.threshold, fallback=body.fallback, steps=body.steps,
                           block_size=body.block_size, stop=body.stop, seed=body.seed, suffix=suffix,
                           stream_canvas=body.diffusing, heal=getattr(body, "heal", True))
 

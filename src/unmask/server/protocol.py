@@ -43,6 +43,9 @@ class _Sampling(_Strict):
     steps: int | None = Field(None, ge=1, description="Diffusion steps in total (topk policy).")
     threshold: float | None = Field(None, description="The policy's parameter: tau, f or gamma.")
     policy: Literal["topk", "threshold", "factor", "entropy", "margin"] | None = None
+    fallback: Literal["best", "leftmost"] | None = Field(
+        None, description="What a step commits when the policy picks no position: the one it ranks first, or "
+                          "the leftmost masked one. Not for topk; default from the model.")
     block_size: int | None = Field(None, ge=1, description="Full-attention models only.")
     diffusing: bool = Field(False, description="Stream the whole canvas at every step (needs stream).")
 

@@ -56,6 +56,7 @@ async function generate() {
   const body = {
     prompt: $("prompt").value, stream: true, diffusing: true,
     policy: $("policy").value || undefined, threshold: num("threshold"), block_size: num("block-size"),
+    fallback: $("fallback").value || undefined,
     max_tokens: num("max-tokens"), steps: num("steps"), temperature: num("temperature"),
   };
   const suffix = $("suffix").value;
@@ -123,6 +124,7 @@ async function init() {
     const g = m.generation || {};
     if (g.policy) $("policy").querySelector("option[value='']").textContent = `model default (${g.policy})`;
     if (g.threshold !== undefined) $("threshold").placeholder = String(g.threshold);
+    if (g.fallback) $("fallback").querySelector("option[value='']").textContent = `model default (${g.fallback})`;
     if (g.block_size !== undefined) $("block-size").placeholder = String(g.block_size);
     if (g.max_tokens !== undefined) $("max-tokens").placeholder = String(g.max_tokens);
   } catch (e) {
