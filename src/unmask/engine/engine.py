@@ -171,14 +171,18 @@ class Engine:
             threshold=torch.tensor([r.s.threshold for r in reqs], dtype=torch.float64),
             temperature=torch.tensor([r.s.temperature for r in reqs], dtype=torch.float64),
             top_p=torch.tensor([r.s.top_p for r in reqs], dtype=torch.float64),
-            fallback=torch.tensor([r.s.fallback_id for r in reqs]),
+            # None when every row takes the best-ranked fallback: select_commits then skips that part.
+            fallback=torch.tensor(fb) if any(fb := [r.s.fallback_id for r in reqs]) else None,
         )
         used = set(params.policy.tolist())
         prop = propose_batch(logits, self.mask_id, params.temperature, params.top_p,
                              [r.generator for r in reqs], valid=valid.to(logits.device),
                              need_margin=MARGIN in used, need_entropy=ENTROPY in used,
                              allowed=self._heal_constraint(reqs, windows))
-        commit = select_commits(prop, masked.to(logits.device), params).cpu()
+        if self.attention == "causal":
+            commit = masked  # one open position per row, always written: no ranking to do
+        else:
+            commit = select_commits(prop, masked.to(logits.device), params, used).cpu()
         tokens = prop.tokens.cpu()
         events = []
         for i, (r, w) in enumerate(zip(reqs, windows)):

@@ -22,7 +22,7 @@ span, vocab) per forward, provided the row's valid positions are that span. Gree
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -163,7 +163,8 @@ def _count_prefix(ok: torch.Tensor) -> torch.Tensor:
     return ok.to(torch.int64).cummin(-1).values.sum(-1)
 
 
-def select_commits(prop: Proposal, masked: torch.Tensor, params: StepParams) -> torch.Tensor:
+def select_commits(prop: Proposal, masked: torch.Tensor, params: StepParams,
+                   used: Collection[int] | None = None) -> torch.Tensor:
     """Which positions to commit this step: (B, T) bool, a subset of `masked`.
 
     Each rule ranks a row's masked positions (ties to the lowest position) and commits a leading
@@ -175,11 +176,15 @@ def select_commits(prop: Proposal, masked: torch.Tensor, params: StepParams) -> 
       margin    n = #{margin >= tau}                               (rank by margin)
     then n is clipped to [1, n_masked] (every row with a masked position makes progress; one with none
     commits nothing). A row whose rule gave n = 0 commits the position ranked first, or, with the
-    "leftmost" fallback (not for topk), its leftmost masked position instead. All rules are computed
+    "leftmost" fallback (not for topk), its leftmost masked position instead. The rules are computed
     for all rows with static shapes and no host sync, and each row keeps its own policy's result.
+    used: the policy ids present in params.policy (None: assume all). Only those rules and rankings
+    are computed: each costs a few dozen small tensor ops, which at batch 1 add up to a sizeable
+    share of a CPU decode step. A row whose policy is not in `used` gets an unspecified result.
     """
     B, T = masked.shape
     dev = masked.device
+    used = set(POLICIES.values()) if used is None else set(used)
     policy = params.policy.to(dev).view(B, 1)
     thr = params.threshold.to(dev, torch.float64).view(B, 1)
     n_masked = masked.sum(-1)
@@ -193,27 +198,40 @@ def select_commits(prop: Proposal, masked: torch.Tensor, params: StepParams) -> 
         order = torch.sort(key, dim=-1, descending=True, stable=True).indices
         return order, score.to(torch.float64).gather(-1, order)
 
-    by_conf, conf_sorted = rank(prop.confidence)
-    by_margin, margin_sorted = rank(prop.margin)
-    by_entropy, neg_ent_sorted = rank(-prop.entropy)
+    def n_factor(conf_sorted):
+        bound = 1.0 - thr / (ranks.view(1, T) + 2).to(torch.float64)  # j = slot + 1: 1 - f / (j + 1)
+        return _count_prefix(in_range & (conf_sorted >= bound))
 
-    n_topk = params.k.to(dev, torch.int64)
-    n_thr = (in_range & (conf_sorted >= thr)).sum(-1)
-    bound = 1.0 - thr / (ranks.view(1, T) + 2).to(torch.float64)  # j = slot + 1: 1 - f / (j + 1)
-    n_factor = _count_prefix(in_range & (conf_sorted >= bound))
-    cum_ent = torch.where(in_range, -neg_ent_sorted, torch.zeros_like(neg_ent_sorted)).cumsum(-1)
-    n_ent = (in_range & (cum_ent <= thr)).sum(-1)
-    n_margin = (in_range & (margin_sorted >= thr)).sum(-1)
+    def n_entropy(neg_ent_sorted):
+        cum_ent = torch.where(in_range, -neg_ent_sorted, torch.zeros_like(neg_ent_sorted)).cumsum(-1)
+        return (in_range & (cum_ent <= thr)).sum(-1)
 
+    # policy id -> (the score it ranks by, n from the sorted scores)
+    rules = {
+        TOPK: (lambda: prop.confidence, lambda _: params.k.to(dev, torch.int64)),
+        THRESHOLD: (lambda: prop.confidence, lambda srt: (in_range & (srt >= thr)).sum(-1)),
+        FACTOR: (lambda: prop.confidence, n_factor),
+        ENTROPY: (lambda: -prop.entropy, n_entropy),
+        MARGIN: (lambda: prop.margin, lambda srt: (in_range & (srt >= thr)).sum(-1)),
+    }
+    rankings: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+    ranked_by = {TOPK: "conf", THRESHOLD: "conf", FACTOR: "conf", ENTROPY: "entropy", MARGIN: "margin"}
+    n = order = None
     p = policy.view(B)
-    n = torch.where(p == TOPK, n_topk, n_thr)
-    n = torch.where(p == FACTOR, n_factor, n)
-    n = torch.where(p == ENTROPY, n_ent, n)
-    n = torch.where(p == MARGIN, n_margin, n)
+    for pid in sorted(used):
+        score, count = rules[pid]
+        key = ranked_by[pid]
+        if key not in rankings:
+            rankings[key] = rank(score())
+        by, srt = rankings[key]
+        if n is None:  # the first rule fills every row; the others overwrite their own rows
+            n, order = count(srt), by
+        else:
+            n = torch.where(p == pid, count(srt), n)
+            order = torch.where(policy == pid, by, order)
     picked_none = n == 0
     n = torch.minimum(n.clamp(min=1), n_masked)  # n_masked == 0 -> 0
 
-    order = torch.where(policy == MARGIN, by_margin, torch.where(policy == ENTROPY, by_entropy, by_conf))
     take_sorted = ranks.view(1, T) < n.view(B, 1)
     commit = torch.zeros_like(masked).scatter(-1, order, take_sorted)
     if params.fallback is None:
