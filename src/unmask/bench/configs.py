@@ -25,6 +25,7 @@ CONFIGS: tuple[tuple[str, Decoding], ...] = (
     ("dllm", Decoding("threshold-0.9-leftmost", "engine", "threshold", 0.9, fallback=LEFT)),
     ("dllm", Decoding("threshold-0.7-leftmost", "engine", "threshold", 0.7, fallback=LEFT)),
     ("dllm", Decoding("threshold-0.6-leftmost", "engine", "threshold", 0.6, fallback=LEFT)),
+    ("dllm", Decoding("threshold-0.55-leftmost", "engine", "threshold", 0.55, fallback=LEFT)),
     ("dllm", Decoding("factor-1.0", "engine", "factor", 1.0, fallback=BEST)),
     ("dllm", Decoding("entropy-0.1", "engine", "entropy", 0.1, fallback=BEST)),
     ("dllm", Decoding("margin-0.9", "engine", "margin", 0.9, fallback=BEST)),
@@ -50,8 +51,8 @@ def ar_baseline(name: str) -> str:
 # of syntax validity, so "equal quality" judged on 16 prompts is mostly noise; on 164 a problem is
 # 0.6 points.
 HUMANEVAL_CONFIGS = (MAIN, "threshold-0.7", "threshold-0.5", "threshold-0.9-leftmost", "threshold-0.7-leftmost",
-                     "threshold-0.6-leftmost", "factor-1.0", MAIN + "-int8wo", "threshold-0.7-int8wo",
-                     "threshold-0.7-leftmost-int8wo", AR, AR + "-int8wo")
+                     "threshold-0.6-leftmost", "threshold-0.55-leftmost", "factor-1.0", MAIN + "-int8wo",
+                     "threshold-0.7-int8wo", "threshold-0.7-leftmost-int8wo", AR, AR + "-int8wo")
 
 
 @dataclass(frozen=True)
