@@ -165,14 +165,15 @@ class Engine:
             masked = valid.clone()  # the one position is the next token, always open
         else:
             masked = valid & (active == self.mask_id)
+        fallback = [r.s.fallback_id for r in reqs]
         params = StepParams(
             policy=torch.tensor([r.s.policy_id for r in reqs]),
             k=torch.tensor([r.topk_k() for r in reqs]),
             threshold=torch.tensor([r.s.threshold for r in reqs], dtype=torch.float64),
             temperature=torch.tensor([r.s.temperature for r in reqs], dtype=torch.float64),
             top_p=torch.tensor([r.s.top_p for r in reqs], dtype=torch.float64),
-            # None when every row takes the best-ranked fallback: select_commits then skips that part.
-            fallback=torch.tensor(fb) if any(fb := [r.s.fallback_id for r in reqs]) else None,
+            # None when every row takes the best-ranked fallback (id 0): select_commits then skips that part.
+            fallback=torch.tensor(fallback) if any(fallback) else None,
         )
         used = set(params.policy.tolist())
         prop = propose_batch(logits, self.mask_id, params.temperature, params.top_p,

@@ -185,6 +185,8 @@ def select_commits(prop: Proposal, masked: torch.Tensor, params: StepParams,
     B, T = masked.shape
     dev = masked.device
     used = set(POLICIES.values()) if used is None else set(used)
+    if not used:
+        return torch.zeros_like(masked)
     policy = params.policy.to(dev).view(B, 1)
     thr = params.threshold.to(dev, torch.float64).view(B, 1)
     n_masked = masked.sum(-1)
@@ -206,23 +208,20 @@ def select_commits(prop: Proposal, masked: torch.Tensor, params: StepParams,
         cum_ent = torch.where(in_range, -neg_ent_sorted, torch.zeros_like(neg_ent_sorted)).cumsum(-1)
         return (in_range & (cum_ent <= thr)).sum(-1)
 
+    def n_above(srt):
+        return (in_range & (srt >= thr)).sum(-1)
+
+    scores = {"confidence": lambda: prop.confidence, "margin": lambda: prop.margin, "entropy": lambda: -prop.entropy}
     # policy id -> (the score it ranks by, n from the sorted scores)
-    rules = {
-        TOPK: (lambda: prop.confidence, lambda _: params.k.to(dev, torch.int64)),
-        THRESHOLD: (lambda: prop.confidence, lambda srt: (in_range & (srt >= thr)).sum(-1)),
-        FACTOR: (lambda: prop.confidence, n_factor),
-        ENTROPY: (lambda: -prop.entropy, n_entropy),
-        MARGIN: (lambda: prop.margin, lambda srt: (in_range & (srt >= thr)).sum(-1)),
-    }
+    rules = {TOPK: ("confidence", lambda _: params.k.to(dev, torch.int64)), THRESHOLD: ("confidence", n_above),
+             FACTOR: ("confidence", n_factor), ENTROPY: ("entropy", n_entropy), MARGIN: ("margin", n_above)}
     rankings: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
-    ranked_by = {TOPK: "conf", THRESHOLD: "conf", FACTOR: "conf", ENTROPY: "entropy", MARGIN: "margin"}
     n = order = None
     p = policy.view(B)
     for pid in sorted(used):
-        score, count = rules[pid]
-        key = ranked_by[pid]
+        key, count = rules[pid]
         if key not in rankings:
-            rankings[key] = rank(score())
+            rankings[key] = rank(scores[key]())
         by, srt = rankings[key]
         if n is None:  # the first rule fills every row; the others overwrite their own rows
             n, order = count(srt), by
