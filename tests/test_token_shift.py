@@ -84,3 +84,24 @@ def test_left_context_skips_masks_and_counts_the_distance():
     xt = torch.tensor([[M, 11, M, M, 14, M]])
     prev, gap = block_left_context(xt, x0, M, 3, P)
     assert prev.tolist() == [[P, P, 11, 12, 12, 14]] and gap.tolist() == [[1, 2, 1, 1, 2, 1]]
+
+
+def test_window_left_context_equals_the_whole_canvas_scan():
+    """The runner's per-window scan gives what left_context of the whole canvas gives, for windows
+    after a visible token (its Python path), after a mask and at 0 (the tensor path), and with gaps
+    past MAX_GAP."""
+    import random
+
+    from unmask.engine.runner import window_left_context
+    from unmask.model.shift import MAX_GAP, left_context
+    M, P = 1, 2
+    rnd = random.Random(0)
+    for _ in range(300):
+        n = rnd.randint(1, 3 * MAX_GAP)
+        mask_rate = rnd.choice([0.0, 0.3, 0.9, 1.0])
+        canvas = torch.tensor([M if rnd.random() < mask_rate else rnd.randint(3, 50) for _ in range(n)])
+        start = rnd.randint(0, n - 1)
+        end = rnd.randint(start + 1, n)
+        want_prev, want_gap = left_context(canvas[None, :end], M, P)
+        prev, gap = window_left_context(canvas, start, end, M, P)
+        assert prev.tolist() == want_prev[0, start:].tolist() and gap.tolist() == want_gap[0, start:].tolist()
