@@ -57,8 +57,8 @@ HUMANEVAL_CONFIGS = (MAIN, "threshold-0.7", "threshold-0.5", "threshold-0.9-left
 
 @dataclass(frozen=True)
 class Workload:
-    # The full run took 64 minutes on 2 slow cores in session 8 (the reference sampler alone, one full
-    # forward of prompt + 256 tokens per token, 17 of them; the 164-problem HumanEval runs about 15).
+    # The full run took 68 minutes on 2 slow cores in session 11 (the reference sampler alone, one full
+    # forward of prompt + 256 tokens per token, 17 of them; the 164-problem HumanEval runs 25, 13 configs).
     length: int = 256  # completion tokens per speed prompt (max_tokens)
     prompts: int = 16  # HumanEval prompts timed at every concurrency (spread over the 164; repeated
     #                    to fill the concurrency when fewer)
