@@ -34,10 +34,10 @@ def main() -> None:
     torch.set_num_threads(2)
     prompts = [split_trailing_whitespace(p["prompt"])[0] for p in load_problems(8)]
     dllm = unmask.Engine(unmask.load(f"{args.models}/unmask-coder"), max_batch=16)
-    sides = {f"dllm-{fb}": (dllm, {"policy": "threshold", "threshold": args.threshold, "fallback": fb})
-             for fb in args.fallback}
+    dllm_sides = [f"dllm-{fb}" for fb in args.fallback]
+    sides = {k: (dllm, {"policy": "threshold", "threshold": args.threshold, "fallback": fb})
+             for k, fb in zip(dllm_sides, args.fallback)}
     sides["ar"] = (unmask.Engine(unmask.load(f"{args.models}/unmask-coder-ar"), max_batch=16), {})
-    dllm_sides = [k for k in sides if k != "ar"]
     for engine, kw in sides.values():  # first-call allocations stay out of the timings
         engine.generate(prompts[:1], unmask.SamplingParams(max_tokens=16, **kw))
     rates: dict[str, list[float]] = {k: [] for k in sides}
@@ -51,9 +51,9 @@ def main() -> None:
             rates[k].append(tokens / (time.perf_counter() - t0))
         print(f"round {rnd}: " + ", ".join(f"{k} {[round(x, 1) for x in v]}" for k, v in rates.items()), flush=True)
     a = statistics.median(rates["ar"])
-    for k in dllm_sides:
+    for k, fb in zip(dllm_sides, args.fallback):
         d = statistics.median(rates[k])
-        print(f"median tok/s: dLLM threshold {args.threshold} {k[5:]} fallback {d:.1f}, AR twin {a:.1f}, "
+        print(f"median tok/s: dLLM threshold {args.threshold} {fb} fallback {d:.1f}, AR twin {a:.1f}, "
               f"ratio x{d / a:.2f}")
 
 

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import torch
 
 from ..errors import UserError
-from ..sampling.policies import ENTROPY, MARGIN, StepParams, propose_batch, select_commits
+from ..sampling.policies import ENTROPY, LEFTMOST, MARGIN, StepParams, propose_batch, select_commits
 from ..sampling.prompt import is_chat, layout_prompt
 from . import cpu_linear
 from .cuda_graphs import GraphedForward, decode_limit
@@ -172,8 +172,8 @@ class Engine:
             threshold=torch.tensor([r.s.threshold for r in reqs], dtype=torch.float64),
             temperature=torch.tensor([r.s.temperature for r in reqs], dtype=torch.float64),
             top_p=torch.tensor([r.s.top_p for r in reqs], dtype=torch.float64),
-            # None when every row takes the best-ranked fallback (id 0): select_commits then skips that part.
-            fallback=torch.tensor(fallback) if any(fallback) else None,
+            # None when no row takes the leftmost fallback: select_commits then skips that part.
+            fallback=torch.tensor(fallback) if LEFTMOST in fallback else None,
         )
         used = set(params.policy.tolist())
         prop = propose_batch(logits, self.mask_id, params.temperature, params.top_p,
