@@ -121,6 +121,18 @@ def test_quantized_reference_eval_is_refused(model_dir):
                       "--quantize applies to the engine")
 
 
+def test_generate_without_lookahead_writes_the_same_tokens(model_dir):
+    args = ("generate", "--model", str(model_dir), "--max-tokens", "24", "--steps", "24", "--json", "def add(")
+    on, off = cli(*args), cli(*args[:-2], "--no-lookahead", *args[-2:])
+    assert on.returncode == 0 == off.returncode, (on.stderr, off.stderr)
+    a, b = json.loads(on.stdout), json.loads(off.stdout)
+    assert a["text"] == b["text"] and b["nfe"] == a["completion_tokens"] == 24 >= a["nfe"]
+    assert_user_error(cli("generate", "--model", str(model_dir), "--reference", "--no-lookahead", "x"),
+                      "--no-lookahead applies to the engine")
+    assert_user_error(cli("eval", "lines", "--model", str(model_dir), "--reference", "--no-lookahead"),
+                      "--no-lookahead applies to the engine")
+
+
 def test_generate_with_int8_weights(model_dir):
     r = cli("generate", "--model", str(model_dir), "--quantize", "int8wo", "--json", "def add(")
     assert r.returncode == 0, r.stderr

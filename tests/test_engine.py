@@ -74,10 +74,10 @@ def record_windows(engine: Engine) -> list[tuple[list[str], list, list[torch.Ten
     calls = []
     orig = engine.runner.forward
 
-    def forward(canvases, windows, tables):
+    def forward(canvases, windows, tables, scratch=None):
         ids = [r.id for r in engine.scheduler.running]
         before = [c.clone() for c in canvases]
-        logits, valid = orig(canvases, windows, tables)
+        logits, valid = orig(canvases, windows, tables, scratch)
         calls.append((ids, list(windows), before, logits.clone()))
         return logits, valid
 
@@ -202,14 +202,19 @@ def test_batch_invariance_random_mixes(models, attention, cache):
         rng = random.Random(1000 * mix + len(cache))
         items = [(rng.randint(0, 6), prompt_ids(rng.randint(1, 20), rng.randrange(10**6)),
                   random_params(rng, attention)) for _ in range(rng.randint(2, 6))]
-        engine = Engine(model, cache=cache, max_batch=rng.choice([2, 4, 8]))
+        lookahead = mix % 2 == 0
+        engine = Engine(model, cache=cache, max_batch=rng.choice([2, 4, 8]), lookahead=lookahead)
         alone = [engine.generate([p], sp)[0] for _, p, sp in items]
         max_running = []
         batched = run_loop(engine, items, on_step=lambda e: max_running.append(e.num_running))
         multi += max(max_running) > 1
         for i, (a, b) in enumerate(zip(alone, batched)):
             assert a.token_ids == b.token_ids, (mix, i, items[i][2])
-            assert (a.finish_reason, a.nfe) == (b.finish_reason, b.nfe), (mix, i)
+            assert a.finish_reason == b.finish_reason, (mix, i)
+            if engine.lookahead:  # rows ride in free batch slots: alone, every chance is taken
+                assert a.nfe <= b.nfe, (mix, i)
+            else:
+                assert a.nfe == b.nfe, (mix, i)
     assert multi >= 16  # the mixes really were batched
 
 
@@ -228,7 +233,8 @@ def test_batch_invariance_seeded_sampling(models):
 
 def test_block_exact_cache_equals_uncached(models):
     model = models["block"]
-    cached, plain = Engine(model, cache="exact"), Engine(model, cache="none")
+    # Lookahead off: its extra rows and skipped forwards are tested in test_lookahead.py.
+    cached, plain = Engine(model, cache="exact", lookahead=False), Engine(model, cache="none")
     calls = record_windows(cached)
     for n in (1, 2, 4, 5, 7, 8, 13):
         for mt in (1, 4, 11):
@@ -563,7 +569,7 @@ def test_nfe_topk_one_token_per_forward(fresh, attention):
     model = fresh(attention)
     bias_eos(model)  # no EOS: every request runs to max_tokens
     for cache in CACHES[attention]:
-        engine = Engine(model, cache=cache)
+        engine = Engine(model, cache=cache, lookahead=False)  # lookahead: test_lookahead.py
         for n, mt in ((3, 9), (4, 8), (1, 13)):
             out = engine.generate([prompt_ids(n)], SamplingParams(max_tokens=mt, steps=mt))[0]
             assert out.nfe == mt == out.completion_tokens and out.tokens_per_forward == 1.0
@@ -594,7 +600,7 @@ def test_leftmost_fallback_equals_naive_left_to_right_loop(fresh):
     model = fresh("block")
     bias_eos(model)
     mask_id = model.config.mask_token_id
-    engine = Engine(model)
+    engine = Engine(model, lookahead=False)  # one token per forward (lookahead: test_lookahead.py)
     for n, mt in ((1, 5), (3, 9), (6, 12)):
         prompt = prompt_ids(n, 7 * n)
         canvas = torch.tensor(prompt + [mask_id] * mt)
@@ -659,4 +665,5 @@ def test_prefills_get_steps_of_their_own(models, attention):
     assert not mixed, mixed
     assert any(len(ls) > 1 for ls in lengths)  # decoding was still batched
     for a, b in zip(alone, batched):
-        assert a.token_ids == b.token_ids and a.nfe == b.nfe
+        # Lookahead rows ride in free batch slots, so alone a request may skip more forwards.
+        assert a.token_ids == b.token_ids and a.nfe <= b.nfe

@@ -256,8 +256,8 @@ def test_batch_invariance_with_healed_and_plain_requests_mixed(make, attention, 
         outs = run_loop(engine, items, on_step=lambda e: running.append(e.num_running))
         multi += sum(n > 1 for n in running)
         for i, (a, b) in enumerate(zip(alone, outs)):
-            assert (a.text, a.token_ids, a.finish_reason, a.nfe) == (b.text, b.token_ids, b.finish_reason, b.nfe), \
-                (mix, i, items[i])
+            assert (a.text, a.token_ids, a.finish_reason) == (b.text, b.token_ids, b.finish_reason), (mix, i, items[i])
+            assert a.nfe <= b.nfe, (mix, i)  # lookahead rows ride in free batch slots
     assert multi  # the mixes really were batched
 
 

@@ -244,6 +244,23 @@ def test_metrics(srv, client):
         assert name in text, name
 
 
+def test_lookahead_metrics(srv):
+    """One token per step: every block ends on a step with one open position, which carries a lookahead
+    row; the counters say how many ran and how many saved a forward."""
+    def value(name):
+        line = next(x for x in httpx.get(srv.url + "/metrics").text.splitlines() if x.startswith(name + " "))
+        return float(line.split()[1])
+
+    rows0, hits0, nfe0 = value("unmask_lookahead_rows_total"), value("unmask_lookahead_hits_total"), \
+        value("unmask_forward_passes_total")
+    r = httpx.post(srv.url + "/v1/completions", json={"prompt": "def f(", "max_tokens": 24, "steps": 24,
+                                                        "policy": "topk", "temperature": 0}, timeout=30).json()
+    rows, hits = value("unmask_lookahead_rows_total") - rows0, value("unmask_lookahead_hits_total") - hits0
+    tokens, nfe = r["usage"]["completion_tokens"], value("unmask_forward_passes_total") - nfe0
+    assert rows >= 1 and 0 <= hits <= rows
+    assert nfe == tokens - hits  # topk, one token per step: a forward saved per hit
+
+
 def test_playground_is_served(srv):
     r = httpx.get(srv.url + "/")
     assert r.status_code == 200 and "unmask playground" in r.text

@@ -69,7 +69,9 @@ def test_batch_invariance(models, attention, cache):
         engine = Engine(model, cache=cache, max_batch=4)
         alone = [engine.generate([p], sp)[0] for _, p, sp in items]
         for a, b in zip(alone, run_loop(engine, items)):
-            assert (a.token_ids, a.nfe) == (b.token_ids, b.nfe), mix
+            assert a.token_ids == b.token_ids, mix
+            # Lookahead rows ride in free batch slots (engine/lookahead.py): alone, every chance is taken.
+            assert a.nfe == b.nfe if not engine.lookahead else a.nfe <= b.nfe, mix
 
 
 def test_left_context_skips_masks_and_counts_the_distance():

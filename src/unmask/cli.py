@@ -17,6 +17,8 @@ QUANT_HELP = ("quantize weights: int8wo (int8 weights, fastest on CPUs without i
               "int8 (int8 weights and activations, for VNNI/AMX CPUs), bf16 (CUDA)")
 FALLBACK_HELP = ("what a step commits when the policy picks no position (not topk): the one it ranks first (best) "
                  "or the leftmost masked one (leftmost); default: the model's")
+LOOKAHEAD_HELP = ("block models: do not run the next block's first step on a guess in a block's last step "
+                  "(the tokens are the same either way; lookahead only saves forwards)")
 
 
 def _positive_int(s: str) -> int:
@@ -73,6 +75,8 @@ def cmd_generate(a) -> None:
     if a.reference:
         if a.fallback is not None:
             raise UserError("--fallback applies to the engine's policies; drop --reference or --fallback")
+        if not a.lookahead:
+            raise UserError("--no-lookahead applies to the engine; drop --reference or --no-lookahead")
         from .engine.healing import ASCII_WHITESPACE, split_trailing_whitespace, unheal
         from .sampling import reference_generate
 
@@ -87,7 +91,7 @@ def cmd_generate(a) -> None:
     else:
         from .engine import Engine, SamplingParams
 
-        engine = Engine(model, max_batch=1, quantize=a.quantize, cache=a.cache)
+        engine = Engine(model, max_batch=1, quantize=a.quantize, cache=a.cache, lookahead=a.lookahead)
         params = SamplingParams(max_tokens=a.max_tokens, temperature=a.temperature, top_p=a.top_p, policy=a.policy,
                                 threshold=a.threshold, fallback=a.fallback, steps=a.steps, block_size=a.block_size,
                                 seed=a.seed, suffix=a.suffix, stop=a.stop, heal=a.heal)
@@ -116,7 +120,8 @@ def cmd_serve(a) -> None:
         raise UserError("--max-queue must be >= 0 and --timeout > 0")
     cfg = ServerConfig(api_key=a.api_key, max_batch=a.max_batch, max_queue=a.max_queue, request_timeout=a.timeout,
                        max_body_bytes=a.max_body_bytes, max_tokens_limit=a.max_tokens_limit)
-    serve(a.model, a.host, a.port, cfg=cfg, engine_options=dict(quantize=a.quantize, cache=a.cache),
+    serve(a.model, a.host, a.port, cfg=cfg,
+          engine_options=dict(quantize=a.quantize, cache=a.cache, lookahead=a.lookahead),
           device=a.device)
 
 
@@ -161,8 +166,10 @@ def _eval_setup(a):
         raise UserError("--quantize applies to the engine; drop --reference or --quantize")
     if a.fallback is not None and a.reference:
         raise UserError("--fallback applies to the engine's policies; drop --reference or --fallback")
+    if not a.lookahead and a.reference:
+        raise UserError("--no-lookahead applies to the engine; drop --reference or --no-lookahead")
     return model, Decoding(a.eval_command, sampler, policy, a.threshold, steps_ratio, quantize=a.quantize,
-                           fallback=a.fallback)
+                           fallback=a.fallback, lookahead=a.lookahead)
 
 
 def _eval_report(a, res: dict, summary: str, per_key: str) -> None:
@@ -322,6 +329,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "whitespace is taken off and the model rewrites it (prompt healing)")
     g.add_argument("--quantize", choices=QUANT_MODES, default=None, help=QUANT_HELP)
     g.add_argument("--cache", default="auto", help="KV cache: auto, exact, prefix, dual or none")
+    g.add_argument("--no-lookahead", dest="lookahead", action="store_false", help=LOOKAHEAD_HELP)
     g.add_argument("--reference", action="store_true", help="use the slow reference sampler instead of the engine")
     g.add_argument("--json", action="store_true", help="print one JSON object")
     g.set_defaults(func=cmd_generate)
@@ -339,6 +347,7 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--max-tokens-limit", type=_positive_int, default=None, help="cap on max_tokens (default: context)")
     sv.add_argument("--quantize", choices=QUANT_MODES, default=None, help=QUANT_HELP)
     sv.add_argument("--cache", default="auto", help="KV cache: auto, exact, prefix, dual or none")
+    sv.add_argument("--no-lookahead", dest="lookahead", action="store_false", help=LOOKAHEAD_HELP)
     sv.add_argument("--device", default="auto", help="cpu, cuda, cuda:N, or auto (CUDA when available)")
     sv.set_defaults(func=cmd_serve)
 
@@ -366,6 +375,7 @@ def build_parser() -> argparse.ArgumentParser:
         q.add_argument("--batch", type=_positive_int, default=batch, help=f"requests in flight (default {batch})")
         q.add_argument("--reference", action="store_true", help="use the slow reference sampler (one at a time)")
         q.add_argument("--quantize", choices=QUANT_MODES, default=None, help=QUANT_HELP)
+        q.add_argument("--no-lookahead", dest="lookahead", action="store_false", help=LOOKAHEAD_HELP)
         q.add_argument("--threads", type=_positive_int, default=None, help="torch threads (default: torch's)")
         q.add_argument("--timeout", type=float, default=5.0, help="seconds per test program (default 5)")
         q.add_argument("--workers", type=_positive_int, default=2, help="test programs run in parallel (default 2)")

@@ -24,6 +24,9 @@ CONFIGS: tuple[tuple[str, Decoding], ...] = (
     ("dllm", Decoding("threshold-0.5", "engine", "threshold", 0.5, fallback=BEST)),
     ("dllm", Decoding("threshold-0.9-leftmost", "engine", "threshold", 0.9, fallback=LEFT)),
     ("dllm", Decoding("threshold-0.7-leftmost", "engine", "threshold", 0.7, fallback=LEFT)),
+    # The same tokens as the row above (engine/lookahead.py): how much the engine's block lookahead buys.
+    ("dllm", Decoding("threshold-0.7-leftmost-nolookahead", "engine", "threshold", 0.7, fallback=LEFT,
+                      lookahead=False)),
     ("dllm", Decoding("threshold-0.6-leftmost", "engine", "threshold", 0.6, fallback=LEFT)),
     ("dllm", Decoding("threshold-0.55-leftmost", "engine", "threshold", 0.55, fallback=LEFT)),
     ("dllm", Decoding("factor-1.0", "engine", "factor", 1.0, fallback=BEST)),

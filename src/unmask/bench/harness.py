@@ -221,7 +221,8 @@ def run_bench(dllm, ar, wl: C.Workload, *, heldout=None, threads: int | None = N
                      "line_items": len(items)},
         "models": {"dllm": model_info(dllm), "ar": model_info(ar)},
         "configs": [{"name": d.name, "system": s, "sampler": d.sampler, "policy": d.policy, "threshold": d.threshold,
-                     "fallback": d.fallback, "steps_ratio": d.steps_ratio, "describe": d.describe()}
+                     "fallback": d.fallback, "steps_ratio": d.steps_ratio, "lookahead": d.lookahead,
+                     "describe": d.describe()}
                     for s, d in C.CONFIGS],
         "runs": runs, "lines": lines, "humaneval": humaneval, "infill": infill, "checks": checks,
         "skipped": skipped,

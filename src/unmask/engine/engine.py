@@ -26,6 +26,7 @@ from . import cpu_linear
 from .cuda_graphs import GraphedForward, decode_limit
 from .healing import ASCII_WHITESPACE, HealMasks, split_trailing_whitespace
 from .kv_cache import PagedKVCache
+from .lookahead import lookahead
 from .params import SamplingParams, resolve
 from .request import Request, RequestOutput
 from .runner import ModelRunner
@@ -49,7 +50,7 @@ class Event:
 class Engine:
     def __init__(self, model, *, max_batch: int = 16, kv_budget_tokens: int | None = None, cache: str = "auto",
                  refresh_interval: int | None = None, quantize: str | None = None, compile: bool = False,
-                 cuda_graphs: bool = False):
+                 cuda_graphs: bool = False, lookahead: bool = True):
         self.model = model
         cfg = model.config
         self.attention = cfg.attention
@@ -81,6 +82,10 @@ class Engine:
         self.mask_id, self.eos_id = cfg.mask_token_id, cfg.eos_token_id
         self.max_batch = max_batch
         self.refresh_interval = refresh_interval
+        # Lookahead rows (engine/lookahead.py) ride in free batch slots; a batch-1 engine gets one.
+        self.lookahead = lookahead and cfg.attention == "block" and self.cache_mode != "none"
+        self.max_rows = max(max_batch, 2) if self.lookahead else max_batch
+        self.lookahead_rows = self.lookahead_hits = 0
         cache_obj = None
         if self.cache_mode != "none":
             budget = kv_budget_tokens or max_batch * cfg.max_seq_len
@@ -91,7 +96,7 @@ class Engine:
         self.cache = cache_obj
         # Decode steps padded to static shape buckets, replayed as CUDA graphs on a CUDA model. On CPU
         # the same padded path runs eagerly: identical tokens, no speed-up (it exists to be tested).
-        graphs = GraphedForward(self.net, cache_obj, cfg, max_batch) if cuda_graphs else None
+        graphs = GraphedForward(self.net, cache_obj, cfg, self.max_rows) if cuda_graphs else None
         self.runner = ModelRunner(self.net, cache_obj, cfg, graphs)
         self.scheduler = Scheduler(max_batch, cache_obj, self.attention, self.cache_mode,
                                    decode_window=decode_limit(cfg.attention, cfg.block_size) if cache_obj else 0)
@@ -124,7 +129,7 @@ class Engine:
             head, tail = layout_prompt(self.model, prompt + ws, params.suffix)
             s, ws = resolve(self.model, params, len(head) + len(tail)), ""
         req = Request(rid, head, tail, s, seed, params.stream_canvas, self.refresh_interval, stop_ids,
-                      heal=ws, heal_mask=heal_mask)
+                      heal=ws, heal_mask=heal_mask, lookahead=self.lookahead and s.temperature == 0)
         if self.cache is not None and req.length > self.cache.capacity_tokens:
             raise UserError(f"the request needs {req.length} tokens of KV cache but the engine's budget is "
                             f"{self.cache.capacity_tokens}; raise kv_budget_tokens or lower max_tokens")
@@ -155,31 +160,53 @@ class Engine:
         if not reqs:
             return []
         self.steps += 1
+        n = len(reqs)
         windows = [r.plan(self.attention, self.cache_mode) for r in reqs]
-        logits, valid = self.runner.forward([r.canvas for r in reqs], windows, [r.pages for r in reqs])
+        canvases, tables, rows = [r.canvas for r in reqs], [r.pages for r in reqs], list(reqs)
+        ahead, scratch, borrowed = {}, [None] * n, []
+        if self.lookahead:
+            for i, r in enumerate(reqs):
+                if len(rows) >= self.max_rows:
+                    break
+                la = lookahead(r, self.attention, self.cache_mode)
+                if la is None:
+                    continue
+                page = []
+                if not self.cache.grow(page, 1):  # no page to lend this step: run without
+                    break
+                borrowed += page
+                scratch[i], ahead[i] = page[0], len(rows)
+                rows.append(r), windows.append(la[0]), canvases.append(la[1]), tables.append(r.pages)
+                scratch.append(None)
+            self.lookahead_rows += len(ahead)
+        try:
+            logits, valid = self.runner.forward(canvases, windows, tables, scratch if ahead else None)
+        finally:
+            if borrowed:
+                self.cache.release(borrowed)
         B, A = valid.shape
         active = torch.full((B, A), -1, dtype=torch.long)
-        for i, w in enumerate(windows):
-            active[i, : w.hi - w.lo] = reqs[i].canvas[w.lo:w.hi]
+        for i, (c, w) in enumerate(zip(canvases, windows)):
+            active[i, : w.hi - w.lo] = c[w.lo:w.hi]
         if self.attention == "causal":
             masked = valid.clone()  # the one position is the next token, always open
         else:
             masked = valid & (active == self.mask_id)
-        fallback = [r.s.fallback_id for r in reqs]
+        fallback = [r.s.fallback_id for r in rows]
         params = StepParams(
-            policy=torch.tensor([r.s.policy_id for r in reqs]),
-            k=torch.tensor([r.topk_k() for r in reqs]),
-            threshold=torch.tensor([r.s.threshold for r in reqs], dtype=torch.float64),
-            temperature=torch.tensor([r.s.temperature for r in reqs], dtype=torch.float64),
-            top_p=torch.tensor([r.s.top_p for r in reqs], dtype=torch.float64),
+            policy=torch.tensor([r.s.policy_id for r in rows]),
+            k=torch.tensor([r.topk_k() if j < n else r.next_topk_k() for j, r in enumerate(rows)]),
+            threshold=torch.tensor([r.s.threshold for r in rows], dtype=torch.float64),
+            temperature=torch.tensor([r.s.temperature for r in rows], dtype=torch.float64),
+            top_p=torch.tensor([r.s.top_p for r in rows], dtype=torch.float64),
             # None when no row takes the leftmost fallback: select_commits then skips that part.
             fallback=torch.tensor(fallback) if LEFTMOST in fallback else None,
         )
         used = set(params.policy.tolist())
         prop = propose_batch(logits, self.mask_id, params.temperature, params.top_p,
-                             [r.generator for r in reqs], valid=valid.to(logits.device),
+                             [r.generator for r in rows], valid=valid.to(logits.device),
                              need_margin=MARGIN in used, need_entropy=ENTROPY in used,
-                             allowed=self._heal_constraint(reqs, windows))
+                             allowed=self._heal_constraint(reqs, windows[:n]))
         if self.attention == "causal":
             commit = masked  # one open position per row, always written: no ranking to do
         else:
@@ -187,8 +214,10 @@ class Engine:
         tokens = prop.tokens.cpu()
         events = []
         for i, (r, w) in enumerate(zip(reqs, windows)):
+            j = ahead.get(i)
+            extra = None if j is None else (windows[j], canvases[j], commit[j], tokens[j])
             try:
-                events.append(self._advance(r, w, commit[i], tokens[i]))
+                events.append(self._advance(r, w, commit[i], tokens[i], extra))
             except Exception as e:  # one request's failure must not take the others down
                 r.error = f"{type(e).__name__}: {e}"
                 events.append(self._finish(r, "error"))
@@ -204,28 +233,25 @@ class Engine:
         rows, cols, masks = zip(*at)
         return torch.tensor(rows), torch.tensor(cols), torch.stack(masks)
 
-    def _advance(self, r: Request, w, commit: torch.Tensor, tokens: torch.Tensor) -> Event:
+    def _advance(self, r: Request, w, commit: torch.Tensor, tokens: torch.Tensor, ahead=None) -> Event:
+        """Apply one step's commits to r. ahead: the step's lookahead row (window, canvas, commit,
+        tokens), used as the next block's first step when the block ended on the canvas it guessed."""
         r.after_forward(self.attention, self.cache_mode, w)
-        idx = commit.nonzero().flatten()
         if self.attention == "causal":
             r.canvas[r.cur] = tokens[0]
             committed = [r.cur - r.lo]
             r.cur += 1
             done = "stop" if int(tokens[0]) in r.stop_ids else ("length" if r.cur >= r.hi else None)
         else:
-            r.canvas[w.lo + idx] = tokens[idx]
-            committed = (w.lo - r.lo + idx).tolist()
-            r.step_in_block += 1
-            done = None
-            if r.block_done():
-                b, e = r.block
-                if bool(torch.isin(r.canvas[b:e], torch.tensor(list(r.stop_ids))).any()):
-                    done = "stop"
-                elif r.span_idx + 1 >= len(r.spans):
-                    done = "length"
-                else:
-                    r.span_idx += 1
-                    r._start_block()
+            committed = self._commit(r, w, commit, tokens)
+            done = self._end_block(r)
+            if ahead is not None and done is None:
+                wa, canvas, commit_a, tokens_a = ahead
+                if r.block == (wa.lo, wa.hi) and torch.equal(r.canvas[wa.start:wa.lo], canvas[wa.start:wa.lo]):
+                    self.lookahead_hits += 1
+                    r.cached = max(r.cached, wa.lo)  # the lookahead row wrote the finished block's keys
+                    committed += self._commit(r, wa, commit_a, tokens_a)
+                    done = self._end_block(r)
         ids, _ = r.committed_prefix()
         text = r.text_of(self.model.tokenizer.decode(ids, skip_special=True))
         if ids and r.first_token_at is None:
@@ -243,6 +269,30 @@ class Engine:
         delta = text[r.emitted:safe] if safe > r.emitted else ""
         r.emitted = max(r.emitted, safe)
         return Event(r.id, delta, False, None, *self._canvas(r, committed))
+
+    @staticmethod
+    def _commit(r: Request, w, commit: torch.Tensor, tokens: torch.Tensor) -> list[int]:
+        """Write a block step's commits into r's canvas; their positions relative to r.lo."""
+        idx = commit.nonzero().flatten()
+        r.canvas[w.lo + idx] = tokens[idx]
+        r.step_in_block += 1
+        if r.lookahead:
+            r.draft = tokens[: w.hi - w.lo].clone()
+        return (w.lo - r.lo + idx).tolist()
+
+    @staticmethod
+    def _end_block(r: Request) -> str | None:
+        """If r's block is complete: "stop" or "length" when r is done, else move to the next block."""
+        if not r.block_done():
+            return None
+        b, e = r.block
+        if bool(torch.isin(r.canvas[b:e], torch.tensor(list(r.stop_ids))).any()):
+            return "stop"
+        if r.span_idx + 1 >= len(r.spans):
+            return "length"
+        r.span_idx += 1
+        r._start_block()
+        return None
 
     def _canvas(self, r: Request, committed: list[int]):
         if not r.stream_canvas:

@@ -56,6 +56,7 @@ class Request:
     stop_ids: frozenset[int] = frozenset()  # EOS, plus end-of-turn for chats
     heal: str = ""  # prompt healing: the whitespace taken off the prompt, which the model rewrites
     heal_mask: torch.Tensor | None = None  # (vocab,) bool: the tokens allowed first (set iff heal)
+    lookahead: bool = False  # may this request's steps carry a lookahead row (engine/lookahead.py)
     arrival: float = field(default_factory=time.perf_counter)
     # runtime state, reset on preemption
     pages: list[int] = field(default_factory=list)
@@ -82,6 +83,7 @@ class Request:
         self.generator = make_generator(self.seed, "cpu") if self.s.temperature > 0 else None
         self.cached = 0  # positions [0, cached) hold final keys/values in the cache
         self.cur = self.lo  # causal models: the next position to fill
+        self.draft: torch.Tensor | None = None  # the last forward's proposals for the current block
         self.spans = block_spans(self.lo, self.hi, self.s.block_size)
         self.span_idx = 0
         self.block_steps = steps_per_block([e - b for b, e in self.spans], self.s.steps)
@@ -97,6 +99,7 @@ class Request:
             self.schedule = num_transfer_tokens(e - b, self.block_steps[self.span_idx])
         self.step_in_block = 0
         self.since_refresh = 0
+        self.draft = None
 
     @property
     def block(self) -> tuple[int, int]:
@@ -126,6 +129,11 @@ class Request:
 
     def topk_k(self) -> int:
         return self.schedule[self.step_in_block] if self.step_in_block < len(self.schedule) else 1
+
+    def next_topk_k(self) -> int:
+        """topk_k of the next block's first step."""
+        b, e = self.spans[self.span_idx + 1]
+        return num_transfer_tokens(e - b, self.block_steps[self.span_idx + 1])[0]
 
     def after_forward(self, attention: str, cache: str, window: Window) -> None:
         self.nfe += 1

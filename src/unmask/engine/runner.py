@@ -56,22 +56,28 @@ class ModelRunner:
         self.device = next(net.parameters()).device
 
     @torch.inference_mode()
-    def forward(self, canvases: list[torch.Tensor], windows: list[Window], tables: list[list[int]]):
-        """Returns logits (B, A, V) for each row's [lo, hi) (left-aligned, padded) and valid (B, A)."""
+    def forward(self, canvases: list[torch.Tensor], windows: list[Window], tables: list[list[int]],
+                scratch: list[int | None] | None = None):
+        """Returns logits (B, A, V) for each row's [lo, hi) (left-aligned, padded) and valid (B, A).
+
+        scratch: per row, None or a cache page that row's own window writes its keys to and reads
+        them from, instead of its request's pages (the window must fit in one page). Another row of
+        the same request can then write different keys for the same positions in the same forward
+        (engine/lookahead.py)."""
         B = len(windows)
         T = max(w.end - w.start for w in windows)
         A = max(w.hi - w.lo for w in windows)
         g = self.graphs
         if g is not None and self.cache is not None and g.accepts(T):
             rows, S = g.buckets(B, max(w.key_end for w in windows))
-            x, valid = self.build(canvases, windows, tables, rows=rows, A=T, S=S, pack=False)
+            x, valid = self.build(canvases, windows, tables, rows=rows, A=T, S=S, pack=False, scratch=scratch)
             return g(x)[:B, :A], valid[:B, :A]
-        x, valid = self.build(canvases, windows, tables)
+        x, valid = self.build(canvases, windows, tables, scratch=scratch)
         return run_net(self.net, self.cache, x.to(self.device)), valid
 
     def build(self, canvases: list[torch.Tensor], windows: list[Window], tables: list[list[int]], *,
               rows: int | None = None, A: int | None = None, S: int | None = None,
-              pack: bool | None = None) -> tuple[StepInputs, torch.Tensor]:
+              pack: bool | None = None, scratch: list[int | None] | None = None) -> tuple[StepInputs, torch.Tensor]:
         """The forward's host inputs and valid (rows, A). rows/A/S pad the batch, the logit positions
         and the keys beyond what the windows need (padded rows write to scratch page 0 and see key 0)."""
         B = len(windows)
@@ -108,6 +114,13 @@ class ModelRunner:
             kvalid = kpos < torch.tensor(key_ends + [0] * (rows - B))[:, None]
             pages = self.cache.page_table(tables, rows, key_ends)
             write, read = self.cache.slots(pages, pos, qvalid), self.cache.slots(pages, kpos, kvalid)
+            for i, page in enumerate(scratch or []):
+                if page is not None:
+                    w, ps = windows[i], self.cache.page_size
+                    n = w.end - w.start
+                    if n > ps:
+                        raise ValueError(f"a scratch window of {n} positions does not fit a page of {ps}")
+                    write[i, T - n:] = read[i, w.start:w.end] = page * ps + torch.arange(n)
         if self.cache is None and rows == 1 and windows[0].start == 0:
             mask = None  # the model's own pattern: the very call the reference sampler makes
         else:

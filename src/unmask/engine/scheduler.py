@@ -11,6 +11,7 @@ from __future__ import annotations
 from collections import deque
 
 from .kv_cache import PagedKVCache
+from .lookahead import key_end
 from .request import Request
 
 
@@ -29,7 +30,7 @@ class Scheduler:
         self.waiting.append(req)
 
     def _need(self, req: Request) -> int:
-        return req.plan(self.attention, self.cache_mode).key_end
+        return key_end(req, self.attention, self.cache_mode)
 
     def _preempt(self, req: Request) -> None:
         self.running.remove(req)

@@ -31,6 +31,7 @@ class Decoding:
     steps_ratio: float | None = None  # topk: steps = max_tokens * steps_ratio (1.0 = one token per forward)
     quantize: str | None = None  # engine weight quantization: None, "int8" or "bf16"
     fallback: str | None = None  # engine policies other than topk: "best" or "leftmost"; None: the model's
+    lookahead: bool = True  # the engine's block lookahead (engine/lookahead.py); the tokens do not change
 
     def steps(self, max_tokens: int) -> int | None:
         return None if self.steps_ratio is None else max(1, round(max_tokens * self.steps_ratio))
@@ -45,6 +46,8 @@ class Decoding:
             s += f", {self.fallback} fallback"
         if self.quantize is not None:
             s += f", {self.quantize} weights"
+        if not self.lookahead:
+            s += ", no lookahead"
         return s
 
 
@@ -127,7 +130,8 @@ def _sampling_params(decoding: Decoding, task: Task, max_tokens: int, stop):
 
 def _run_engine(model, tasks, decoding, max_tokens, concurrency, stops, max_batch, progress) -> Batch:
     """stops: per task."""
-    engine = Engine(model, max_batch=max(max_batch, concurrency), quantize=decoding.quantize)
+    engine = Engine(model, max_batch=max(max_batch, concurrency), quantize=decoding.quantize,
+                    lookahead=decoding.lookahead)
     params = [_sampling_params(decoding, t, max_tokens, st) for t, st in zip(tasks, stops)]
     pending = deque(range(len(tasks)))
     inflight: dict[str, int] = {}

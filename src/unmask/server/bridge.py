@@ -154,9 +154,12 @@ class EngineBridge:
             self._stopping = True
 
     def _step(self) -> None:
+        rows, hits = self.engine.lookahead_rows, self.engine.lookahead_hits
         events = self.engine.step()  # if it raises, _run fails the running requests
         if self.metrics:
             self.metrics.steps.inc()
+            self.metrics.lookahead_rows.inc(self.engine.lookahead_rows - rows)
+            self.metrics.lookahead_hits.inc(self.engine.lookahead_hits - hits)
         for ev in events:
             if ev.finished:
                 if self.metrics and ev.output is not None:

@@ -24,6 +24,10 @@ class Metrics:
                                          registry=r)
         self.nfe = Counter("unmask_forward_passes", "Model forward passes (NFE) of finished requests", registry=r)
         self.steps = Counter("unmask_engine_steps", "Batched engine steps", registry=r)
+        self.lookahead_rows = Counter("unmask_lookahead_rows", "Block lookahead rows run (engine/lookahead.py)",
+                                      registry=r)
+        self.lookahead_hits = Counter("unmask_lookahead_hits",
+                                      "Block lookahead rows whose guess held: a forward saved", registry=r)
         self.tpf = Histogram("unmask_tokens_per_forward", "Tokens per forward (TPF) per request",
                              buckets=TPF_BUCKETS, registry=r)
         self.latency = Histogram("unmask_request_latency_seconds", "Request latency, arrival to last token",
