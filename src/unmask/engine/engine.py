@@ -176,7 +176,10 @@ class Engine:
                     break
                 borrowed += page
                 scratch[i], ahead[i] = page[0], len(rows)
-                rows.append(r), windows.append(la[0]), canvases.append(la[1]), tables.append(r.pages)
+                rows.append(r)
+                windows.append(la[0])
+                canvases.append(la[1])
+                tables.append(r.pages)
                 scratch.append(None)
             self.lookahead_rows += len(ahead)
         try:

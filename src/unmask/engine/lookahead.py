@@ -34,21 +34,32 @@ import torch
 from .request import Request, Window
 
 
-def lookahead(r: Request, attention: str, cache: str) -> tuple[Window, torch.Tensor] | None:
-    """The lookahead row of r's next step, as (window, canvas with the draft filled in), or None
-    when the step cannot carry one."""
+def _guess(r: Request, attention: str, cache: str) -> tuple[int, int] | None:
+    """(position, token): the one open position of r's block and its draft, when r's next step can
+    carry a lookahead row; else None."""
     if not r.lookahead or attention != "block" or cache == "none" or r.draft is None:
         return None
     if r.step_in_block == 0 or r.span_idx + 1 >= len(r.spans):
         return None  # no draft yet for this block, or no next block
     b, e = r.block
-    open_ = (r.canvas[b:e] == r.mask_id).nonzero().flatten()
+    block = r.canvas[b:e].tolist()
+    open_ = [i for i, t in enumerate(block) if t == r.mask_id]
     if len(open_) != 1:
         return None
-    canvas = r.canvas.clone()
-    canvas[b + open_[0]] = r.draft[open_[0]]
-    if any(t in r.stop_ids for t in canvas[b:e].tolist()):  # the request would end with this block
+    guess = int(r.draft[open_[0]])
+    if guess in r.stop_ids or any(t in r.stop_ids for t in block):  # the request ends with this block
         return None
+    return b + open_[0], guess
+
+
+def lookahead(r: Request, attention: str, cache: str) -> tuple[Window, torch.Tensor] | None:
+    """The lookahead row of r's next step, as (window, canvas with the draft filled in), or None
+    when the step cannot carry one."""
+    g = _guess(r, attention, cache)
+    if g is None:
+        return None
+    canvas = r.canvas.clone()
+    canvas[g[0]] = g[1]
     b2, e2 = r.spans[r.span_idx + 1]
     return Window(r.cached, e2, e2, b2, e2), canvas
 
@@ -56,5 +67,6 @@ def lookahead(r: Request, attention: str, cache: str) -> tuple[Window, torch.Ten
 def key_end(r: Request, attention: str, cache: str) -> int:
     """The cache positions r's next step needs, a lookahead row included."""
     w = r.plan(attention, cache)
-    la = lookahead(r, attention, cache)
-    return max(w.key_end, la[0].key_end) if la else w.key_end
+    if _guess(r, attention, cache) is None:
+        return w.key_end
+    return max(w.key_end, r.spans[r.span_idx + 1][1])
