@@ -8,9 +8,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import random_pretrained
+from conftest import random_pretrained, tiny_config
+from unmask.decode import make_plan
 from unmask.engine import Engine, SamplingParams
-from unmask.engine.cuda_graphs import GraphedForward, batch_bucket, decode_limit, key_bucket
+from unmask.engine.cuda_graphs import GraphedForward, batch_bucket, key_bucket
 from unmask.errors import UserError
 
 BLOCK = 4
@@ -84,7 +85,8 @@ def test_buckets():
             batch_bucket(*bad)
     with pytest.raises(ValueError):
         key_bucket(97, 128, 96)
-    assert (decode_limit("block", 4), decode_limit("causal", 4), decode_limit("full", 4)) == (8, 1, 0)
+    plans = [make_plan(tiny_config(attention=a, block_size=4)) for a in ("block", "causal", "full")]
+    assert [p.decode_window for p in plans] == [8, 1, 0]
 
 
 def test_padding_writes_only_scratch_page(models):
@@ -97,7 +99,7 @@ def test_padding_writes_only_scratch_page(models):
     for _ in range(3):  # past the prefills: decode windows of one or two blocks
         engine.step()
     reqs = engine.scheduler.schedule()  # grows the page tables for the next windows, as step() would
-    windows = [r.plan("block", "exact") for r in reqs]
+    windows = [engine.plan.window(r) for r in reqs]
     assert all(w.end - w.start <= 2 * BLOCK for w in windows)
     tables = [r.pages for r in reqs]
     x, valid = runner.build([r.canvas for r in reqs], windows, tables, rows=8, A=2 * BLOCK, S=CTX)

@@ -159,7 +159,7 @@ def test_first_generated_token_is_constrained(make, attention, suffix):
 
 @pytest.mark.parametrize("attention", ATTENTIONS)
 def test_the_constraint_applies_while_the_first_position_is_open_and_only_then(make, attention, monkeypatch):
-    import unmask.engine.engine as engine_mod
+    import unmask.engine.core as engine_mod
 
     model = make(attention)
     engine = Engine(model)

@@ -24,6 +24,7 @@ from dataclasses import dataclass, fields
 
 import torch
 
+from ..model.inputs import ForwardBatch
 from .kv_cache import BatchKV, PagedKVCache
 
 
@@ -39,17 +40,6 @@ def key_bucket(s: int, multiple: int, max_seq_len: int) -> int:
     if s < 1 or s > max_seq_len:
         raise ValueError(f"{s} keys do not fit the context of {max_seq_len}")
     return min(-(-s // multiple) * multiple, max_seq_len)
-
-
-def decode_limit(attention: str, block_size: int) -> int:
-    """The longest window that counts as a decode step (0: never bucket).
-
-    Block models feed the active block, plus the just-finished block on a block's first step (its
-    keys are fused into that forward), so up to two blocks; causal models feed one token.
-    Full-attention models are not bucketed: their windows depend on per-request block sizes and
-    refreshes, and each distinct length would need its own graph.
-    """
-    return {"block": 2 * block_size, "causal": 1}.get(attention, 0)
 
 
 @dataclass
@@ -78,10 +68,9 @@ class StepInputs:
 
 def run_net(net, cache: PagedKVCache | None, x: StepInputs) -> torch.Tensor:
     kv = None if x.write is None else BatchKV(cache, x.write, x.read)
-    extra = {} if x.prev is None else {"prev_idx": x.prev, "prev_gap": x.gap}
-    if x.packed is not None:
-        extra["packed"] = x.packed
-    return net(x.ids, positions=x.pos, attn_mask=x.mask, kv_cache=kv, logits_at=x.at, **extra)
+    batch = ForwardBatch(x.ids, positions=x.pos, attn_mask=x.mask, kv_cache=kv, logits_at=x.at,
+                         prev_idx=x.prev, prev_gap=x.gap, packed=x.packed)
+    return net(batch.ids, **batch.kwargs())
 
 
 @dataclass
@@ -100,15 +89,19 @@ class GraphedForward:
     under odd traffic). Counters: captures, replays, eager (padded steps run without a graph).
     """
 
-    def __init__(self, net, cache: PagedKVCache, cfg, max_batch: int, *, capture: bool | None = None,
+    def __init__(self, net, cache: PagedKVCache, cfg, max_batch: int, limit: int, *, capture: bool | None = None,
                  key_multiple: int = 128, max_graphs: int = 96, warmup: int = 2):
+        """limit: the longest window that is bucketed (the decode plan's `decode_window`: block
+        models feed the active block, plus the just-finished block on a block's first step, so up to
+        two blocks; causal models one token; full-attention models 0, since their windows depend on
+        per-request block sizes and refreshes, and each distinct length would need its own graph)."""
         self.net, self.cache, self.cfg, self.max_batch = net, cache, cfg, max_batch
         self.device = next(net.parameters()).device
         self.capture = self.device.type == "cuda" if capture is None else capture
         if self.capture and self.device.type != "cuda":
             raise ValueError("CUDA graph capture needs a model on a CUDA device")
         self.key_multiple, self.max_graphs, self.warmup = key_multiple, max_graphs, warmup
-        self.limit = decode_limit(cfg.attention, cfg.block_size)
+        self.limit = limit
         self.graphs: dict[tuple[int, int, int, int], _Graph] = {}
         self.pool = None  # one memory pool for every graph: replays never overlap, so they can share
         self.captures = self.replays = self.eager = 0

@@ -1,7 +1,7 @@
 """The model runner: turns the windows of many requests into one ragged forward.
 
 Windows are left-padded to a common length; each row's attention mask allows its cached keys, the
-model's own pattern inside its window (block-causal, causal or full), and nothing of the padding.
+decode plan's pattern (`plan.attend`: block-causal, causal or full), and nothing of the padding.
 Only the positions a request needs logits for are projected to the vocabulary. With `graphs` set
 (Engine(cuda_graphs=True)), decode steps are further padded to static shape buckets and handed to
 it (cuda_graphs.py); everything else runs as before.
@@ -14,16 +14,7 @@ from ..model import Transformer
 from ..model.shift import MAX_GAP, left_context
 from .cuda_graphs import GraphedForward, StepInputs, run_net
 from .kv_cache import PagedKVCache
-from .request import Window
-
-
-def _allowed(attention: str, block_size: int, q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
-    """(B, T, S) bool: may a query at absolute position q see a key at absolute position k."""
-    if attention == "full":
-        return torch.ones(q.shape[0], q.shape[1], k.shape[1], dtype=torch.bool)
-    if attention == "causal":
-        return k[:, None, :] <= q[:, :, None]
-    return (k[:, None, :] // block_size) <= (q[:, :, None] // block_size)
+from ..decode import DecodePlan, Window
 
 
 def window_left_context(canvas: torch.Tensor, start: int, end: int, mask_id: int, first: int):
@@ -47,9 +38,9 @@ def window_left_context(canvas: torch.Tensor, start: int, end: int, mask_id: int
 
 
 class ModelRunner:
-    def __init__(self, net: Transformer, cache: PagedKVCache | None, cfg, graphs: GraphedForward | None = None,
-                 pack: bool = True):
-        self.net, self.cache, self.cfg, self.graphs = net, cache, cfg, graphs
+    def __init__(self, net: Transformer, cache: PagedKVCache | None, cfg, plan: DecodePlan,
+                 graphs: GraphedForward | None = None, pack: bool = True):
+        self.net, self.cache, self.cfg, self.plan, self.graphs = net, cache, cfg, plan, graphs
         # pack: eager forwards skip the padding in every matmul (Transformer.forward's `packed`).
         # Graphed steps keep their static padded shapes.
         self.pack = pack
@@ -101,7 +92,7 @@ class ModelRunner:
             pos[i, pad:] = torch.arange(w.start, w.end)
             qvalid[i, pad:] = True
             a = w.hi - w.lo
-            at[i, :a] = torch.arange(w.lo, w.hi) - w.start + pad
+            at[i, :a] = torch.arange(w.lo, w.hi) - self.plan.logit_shift - w.start + pad
             avalid[i, :a] = True
         write = read = None
         if self.cache is None:
@@ -124,7 +115,7 @@ class ModelRunner:
         if self.cache is None and rows == 1 and windows[0].start == 0:
             mask = None  # the model's own pattern: the very call the reference sampler makes
         else:
-            mask = _allowed(self.cfg.attention, self.cfg.block_size, pos, kpos) & kvalid[:, None, :] & qvalid[:, :, None]
+            mask = self.plan.attend(pos, kpos) & kvalid[:, None, :] & qvalid[:, :, None]
             # A padded query row would see no key at all and produce NaN; let it see key 0 instead.
             mask[:, :, 0] |= ~qvalid
         packed = None

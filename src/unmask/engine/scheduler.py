@@ -10,18 +10,16 @@ from __future__ import annotations
 
 from collections import deque
 
+from ..decode import DecodePlan
 from .kv_cache import PagedKVCache
-from .lookahead import key_end
 from .request import Request
 
 
 class Scheduler:
-    def __init__(self, max_batch: int, cache: PagedKVCache | None, attention: str, cache_mode: str,
-                 decode_window: int = 0):
-        """decode_window: the longest window that counts as decoding (0: never separate prefills)."""
-        self.max_batch, self.cache = max_batch, cache
-        self.attention, self.cache_mode = attention, cache_mode
-        self.decode_window = decode_window
+    def __init__(self, max_batch: int, cache: PagedKVCache | None, plan: DecodePlan):
+        self.max_batch, self.cache, self.plan = max_batch, cache, plan
+        # The longest window that counts as decoding (0: never separate prefills).
+        self.decode_window = plan.decode_window if cache is not None else 0
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
         self.preemptions = 0
@@ -30,7 +28,7 @@ class Scheduler:
         self.waiting.append(req)
 
     def _need(self, req: Request) -> int:
-        return key_end(req, self.attention, self.cache_mode)
+        return self.plan.key_end(req)
 
     def _preempt(self, req: Request) -> None:
         self.running.remove(req)
@@ -75,7 +73,7 @@ class Scheduler:
         return batch
 
     def _window(self, req: Request) -> int:
-        w = req.plan(self.attention, self.cache_mode)
+        w = self.plan.window(req)
         return w.end - w.start
 
     def retire(self, req: Request) -> None:

@@ -18,7 +18,7 @@ import torch
 
 # Imported up front, not per call: a long benchmark must not pick up a half-edited module midway.
 from ..engine import Engine, SamplingParams
-from ..engine.healing import split_trailing_whitespace  # noqa: F401 (part of this module's surface)
+from ..frontend.healing import split_trailing_whitespace  # noqa: F401 (part of this module's surface)
 from ..sampling import layout_prompt, reference_generate
 
 
@@ -92,7 +92,7 @@ def run_tasks(model, tasks: Sequence[Task], decoding: Decoding, *, max_tokens: i
     """Generate one greedy completion per task; outputs in task order.
 
     heal: a prompt that ends in a newline (plus indentation) is sent without that whitespace, and
-    the model writes it (`split_trailing_whitespace`; engine/healing.py says why). It is done here,
+    the model writes it (`split_trailing_whitespace`; frontend/healing.py says why). It is done here,
     and the engine is told heal=False, so that the reference sampler is healed the same way and the
     numbers stay those of unconstrained decoding. Completions are returned relative to the
     original prompt. Such tasks get their stop strings applied afterwards, since the first thing

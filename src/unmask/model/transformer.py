@@ -14,6 +14,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..config import ModelConfig
+from .inputs import ForwardBatch
 from .masks import block_causal_mask
 from .shift import MAX_GAP, left_context
 
@@ -150,36 +151,22 @@ class Transformer(nn.Module):
             return None, True
         return block_causal_mask(positions, positions, self.config.block_size).unsqueeze(1), False
 
-    def forward(
-        self,
-        idx: torch.Tensor,
-        positions: torch.Tensor | None = None,
-        attn_mask: torch.Tensor | None = None,
-        kv_cache: KVCache | None = None,
-        logits_from: int = 0,
-        logits_to: int | None = None,
-        logits_at: torch.Tensor | None = None,
-        prev_idx: torch.Tensor | None = None,
-        prev_gap: torch.Tensor | None = None,
-        packed: torch.Tensor | None = None,
-    ) -> torch.Tensor:
-        """idx: (B, T) token ids -> logits (B, T, vocab), float32.
-
-        positions: (B, T) or (T,) absolute positions for RoPE (default 0..T-1).
-        attn_mask: boolean (True = may attend) or additive float, broadcastable to (B, heads, T, S),
-        or a FlexAttention BlockMask. When omitted the
-        config's attention mode is used; an explicit mask is required with a `kv_cache`.
-        logits_from/logits_to: only project this slice of positions to the vocabulary (the LM head
-        dominates the cost of a small model, and losses often need only part of the sequence).
-        logits_at: (B, A) indices into T; project only those positions (ragged engine batches).
-        prev_idx, prev_gap: (B, T) the nearest visible token left of each position and its distance
-        (`model/shift.py`), for `token_shift` models. Default: computed from idx, which is right
-        only for a sequence that starts at position 0 (so they are required with a `kv_cache`).
-        packed: (N,) indices into the flattened (B*T) positions that hold real tokens, for a ragged
-        batch padded to T. Norms, projections and the MLP then run on those N rows only; attention
-        still sees the padded (B, T) layout. Padded positions' outputs are undefined, and
-        `logits_at` must point at real tokens.
-        """
+    def forward(self, idx: ForwardBatch | torch.Tensor, positions: torch.Tensor | None = None, attn_mask=None,
+                kv_cache: KVCache | None = None, logits_from: int = 0, logits_to: int | None = None,
+                logits_at: torch.Tensor | None = None, prev_idx: torch.Tensor | None = None,
+                prev_gap: torch.Tensor | None = None, packed: torch.Tensor | None = None) -> torch.Tensor:
+        """One forward (model/inputs.py): a ForwardBatch, or its fields spelled out (`net(ids)`,
+        `net(ids, positions=..., attn_mask=...)`; what nn.Module wrappers and older callers pass)
+        -> logits (B, A, vocab), float32, at the positions the batch asks for (all T by default)."""
+        spelled = ForwardBatch(idx, positions, attn_mask, kv_cache, logits_from, logits_to, logits_at, prev_idx,
+                               prev_gap, packed) if not isinstance(idx, ForwardBatch) else None
+        if spelled is None and any(v is not None for v in (positions, attn_mask, kv_cache, logits_to, logits_at,
+                                                            prev_idx, prev_gap, packed)) | (logits_from != 0):
+            raise TypeError("pass either a ForwardBatch or ids with keyword fields, not both")
+        batch = spelled or idx
+        idx, positions, attn_mask, kv_cache = batch.ids, batch.positions, batch.attn_mask, batch.kv_cache
+        logits_from, logits_to, logits_at = batch.logits_from, batch.logits_to, batch.logits_at
+        prev_idx, prev_gap, packed = batch.prev_idx, batch.prev_gap, batch.packed
         B, T = idx.shape
         if positions is None:
             if T > self.config.max_seq_len:

@@ -6,7 +6,7 @@ from .policies import POLICIES as POLICY_IDS
 from .policies import (
     FALLBACKS, Proposal, StepParams, propose_batch, select_commits, step_k, validate_fallback, validate_policy,
 )
-from .prompt import encode_prompt, layout_prompt
+from ..frontend.prompt import encode_prompt, layout_prompt
 from .reference import POLICIES, Settings, reference_generate, resolve_settings
 from .schedule import apportion, block_spans, num_transfer_tokens, steps_per_block
 

@@ -29,10 +29,11 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from ..decode.plans import model_logit_shift
 from ..errors import UserError
 from .noise import make_generator, propose, select_topk
 from .output import GenerationOutput
-from .prompt import layout_prompt
+from ..frontend.prompt import layout_prompt
 from .schedule import block_spans, num_transfer_tokens, steps_per_block
 
 if TYPE_CHECKING:
@@ -119,8 +120,10 @@ def reference_generate(model: Pretrained, prompt: str | Sequence[int] | Sequence
     head, tail = layout_prompt(model, prompt, suffix)
     s = resolve_settings(model, len(head) + len(tail), max_tokens=max_tokens, steps=steps,
                          block_size=block_size, temperature=temperature, top_p=top_p, policy=policy)
-    if cfg.attention == "causal" and not head:
-        raise UserError("the prompt is empty; an autoregressive model needs at least one prompt token")
+    shift = model_logit_shift(cfg)
+    if shift and not head:
+        raise UserError("the prompt is empty; this model scores each position from the one before it, "
+                        "so it needs at least one prompt token")
 
     device = model.device
     lo, hi = len(head), len(head) + s.max_tokens
@@ -142,7 +145,8 @@ def reference_generate(model: Pretrained, prompt: str | Sequence[int] | Sequence
         plan = steps_per_block([e - b for b, e in spans], s.steps)
         for (b, e), n_steps in zip(spans, plan):
             for k in num_transfer_tokens(e - b, n_steps):
-                logits = net(canvas[None], logits_from=b, logits_to=e)[0]  # (e - b, vocab)
+                # (e - b, vocab); a shifted family's output at p scores p + 1 (Dream, Fast-dLLM v2)
+                logits = net(canvas[None], logits_from=b - shift, logits_to=e - shift)[0]
                 nfe += 1
                 tokens, conf = propose(logits, **pick)
                 chosen = select_topk(conf, canvas[b:e] == cfg.mask_token_id, k)

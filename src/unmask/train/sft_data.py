@@ -8,7 +8,7 @@ One JSON object per line, in one of these shapes:
 - `{"prefix": str, "suffix": str, "middle": str}`: fill-in-the-middle, in the model's FIM layout;
 - `{"text": str}`: plain text, every token learned.
 
-Examples are laid out exactly as the engine lays out the same request (`sampling/prompt.py`), with
+Examples are laid out exactly as the engine lays out the same request (`frontend/prompt.py`), with
 prompt healing's split (a prompt ending in a newline plus indentation gives that whitespace to the
 answer), and the answer ends with the token the engine stops at (EOS; end-of-turn for chats).
 The prompt is never noised and never scored.
@@ -21,9 +21,9 @@ from pathlib import Path
 
 import torch
 
-from ..engine.healing import ASCII_WHITESPACE, split_trailing_whitespace
+from ..frontend.healing import ASCII_WHITESPACE, split_trailing_whitespace
 from ..errors import UserError
-from ..sampling.prompt import layout_prompt
+from ..frontend.prompt import layout_prompt
 
 SHAPES = "{prompt, completion}, {messages}, {prefix, suffix, middle} or {text}"
 

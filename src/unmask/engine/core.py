@@ -1,0 +1,213 @@
+"""The engine core: token ids in, token events out.
+
+core (this file) -> scheduler (admission, KV budget) -> runner (ragged batch, model call)
+                 -> policies (what to commit; pure functions in unmask.sampling.policies)
+                 -> decode plan (windows, commits, cache bookkeeping; unmask.decode)
+
+Every `step()` runs one batched forward over all running requests; requests join and leave
+between steps. How a model is decoded (block-causal with the exact cache, causal, full attention
+with Fast-dLLM's approximate cache, uncached) is the decode plan's business: the core asks it.
+Text (prompts, chat templates, healing, detokenising, stop strings) is the frontend's
+(`unmask.frontend`); the public `Engine` (engine.py) is the frontend over this core.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import torch
+
+from ..decode import make_plan
+from ..errors import UserError
+from ..sampling.policies import ENTROPY, LEFTMOST, MARGIN, StepParams, propose_batch, select_commits
+from . import cpu_linear
+from .cuda_graphs import GraphedForward
+from .kv_cache import PagedKVCache
+from .request import Request
+from .runner import ModelRunner
+from .scheduler import Scheduler
+
+
+@dataclass
+class TokenEvent:
+    """What one step did to one request: the canvas positions it committed (relative to the
+    generated region) and, when the core finished it, why ("stop", "length" or "error")."""
+
+    request: Request
+    committed: list[int]
+    done: str | None = None
+
+
+class EngineCore:
+    def __init__(self, model, *, max_batch: int = 16, kv_budget_tokens: int | None = None, cache: str = "auto",
+                 refresh_interval: int | None = None, quantize: str | None = None, compile: bool = False,
+                 cuda_graphs: bool = False, lookahead: bool = True, prefill_chunk: int | None = 2048):
+        self.model = model
+        cfg = model.config
+        if max_batch < 1:
+            raise UserError(f"max_batch must be >= 1, got {max_batch}")
+        if refresh_interval is not None and refresh_interval < 1:
+            raise UserError(f"refresh_interval must be >= 1 (or None: refresh at block starts only), got {refresh_interval}")
+        # How this model is decoded (unmask.decode): windows, mask pattern, logit shift, commits.
+        self.plan = plan = make_plan(cfg, cache, refresh_interval, prefill_chunk)
+        self.cache_mode = plan.name
+        if cuda_graphs and not plan.uses_cache:
+            raise UserError("cuda_graphs needs the KV cache (its fixed pool is what the graphs read and write); "
+                            "use cache='auto' or 'exact'")
+        if cuda_graphs and compile:
+            raise UserError("cuda_graphs and compile do not combine; choose one")
+        if quantize is not None:
+            from .quantize import quantize_model
+            model = quantize_model(model, quantize)
+            self.model = model
+        self.net = model.net
+        if quantize is None and cpu_linear.applies(self.net):
+            self.net = cpu_linear.cpu_linears(self.net)
+        if compile:
+            # Measured on the 2-core CPU (AR twin, batch 1): 9x slower than eager, because ragged
+            # batch and cache shapes keep recompiling. It needs static shape buckets to pay off.
+            self.net = torch.compile(self.net, dynamic=True)
+        self.mask_id, self.eos_id = cfg.mask_token_id, cfg.eos_token_id
+        self.max_batch = max_batch
+        # Lookahead rows (engine/lookahead.py) ride in free batch slots; a batch-1 engine gets one.
+        self.lookahead = lookahead and plan.lookahead
+        self.max_rows = max(max_batch, 2) if self.lookahead else max_batch
+        self.lookahead_rows = self.lookahead_hits = 0
+        cache_obj = None
+        if plan.uses_cache:
+            budget = kv_budget_tokens or max_batch * cfg.max_seq_len
+            page = plan.page_size
+            dtype = next(model.net.parameters()).dtype
+            dtype = dtype if dtype.is_floating_point else torch.float32
+            cache_obj = PagedKVCache(cfg.n_layers, cfg.kv_heads, cfg.head_dim, budget, page, model.device, dtype)
+        self.cache = cache_obj
+        # Decode steps padded to static shape buckets, replayed as CUDA graphs on a CUDA model. On CPU
+        # the same padded path runs eagerly: identical tokens, no speed-up (it exists to be tested).
+        graphs = GraphedForward(self.net, cache_obj, cfg, self.max_rows, plan.decode_window) if cuda_graphs else None
+        self.runner = ModelRunner(self.net, cache_obj, cfg, plan, graphs)
+        self.scheduler = Scheduler(max_batch, cache_obj, plan)
+        self._requests: dict[str, Request] = {}
+        self.steps = 0
+
+    # ---- requests -------------------------------------------------------------------------------
+    def add(self, req: Request) -> None:
+        """Queue a request the frontend built; raises UserError (and changes nothing) if it cannot run."""
+        if req.id in self._requests:
+            raise UserError(f"request id {req.id!r} is already in use")
+        if self.cache is not None and req.length > self.cache.capacity_tokens:
+            raise UserError(f"the request needs {req.length} tokens of KV cache but the engine's budget is "
+                            f"{self.cache.capacity_tokens}; raise kv_budget_tokens or lower max_tokens")
+        req.set_mask_id(self.mask_id)
+        self._requests[req.id] = req
+        self.scheduler.add(req)
+
+    def finish(self, req: Request, reason: str) -> None:
+        """Take a request out (done, stopped by its frontend, or aborted)."""
+        req.finish_reason, req.finished_at = reason, time.perf_counter()
+        self.scheduler.retire(req)
+        self._requests.pop(req.id, None)
+
+    def abort(self, request_id: str) -> None:
+        req = self._requests.pop(request_id, None)
+        if req is not None:
+            self.scheduler.retire(req)
+
+    def has_work(self) -> bool:
+        return self.scheduler.has_work()
+
+    @property
+    def num_running(self) -> int:
+        return len(self.scheduler.running)
+
+    @property
+    def num_waiting(self) -> int:
+        return len(self.scheduler.waiting)
+
+    # ---- the step loop --------------------------------------------------------------------------
+    def step(self) -> list[TokenEvent]:
+        """One batched forward over every running request; a TokenEvent per request."""
+        reqs = self.scheduler.schedule()
+        if not reqs:
+            return []
+        self.steps += 1
+        n = len(reqs)
+        plan = self.plan
+        windows = [plan.window(r) for r in reqs]
+        canvases, tables, rows = [r.canvas for r in reqs], [r.pages for r in reqs], list(reqs)
+        ahead, scratch, borrowed = {}, [None] * n, []
+        if self.lookahead:
+            for i, r in enumerate(reqs):
+                if len(rows) >= self.max_rows:
+                    break
+                la = plan.extra_row(r)
+                if la is None:
+                    continue
+                page = []
+                if not self.cache.grow(page, 1):  # no page to lend this step: run without
+                    break
+                borrowed += page
+                scratch[i], ahead[i] = page[0], len(rows)
+                rows.append(r)
+                windows.append(la[0])
+                canvases.append(la[1])
+                tables.append(r.pages)
+                scratch.append(None)
+            self.lookahead_rows += len(ahead)
+        try:
+            logits, valid = self.runner.forward(canvases, windows, tables, scratch if ahead else None)
+        finally:
+            if borrowed:
+                self.cache.release(borrowed)
+        B, A = valid.shape
+        active = torch.full((B, A), -1, dtype=torch.long)
+        for i, (c, w) in enumerate(zip(canvases, windows)):
+            active[i, : w.hi - w.lo] = c[w.lo:w.hi]
+        masked = valid & (active == self.mask_id)
+        fallback = [r.s.fallback_id for r in rows]
+        params = StepParams(
+            policy=torch.tensor([r.s.policy_id for r in rows]),
+            k=torch.tensor([r.topk_k() if j < n else r.next_topk_k() for j, r in enumerate(rows)]),
+            threshold=torch.tensor([r.s.threshold for r in rows], dtype=torch.float64),
+            temperature=torch.tensor([r.s.temperature for r in rows], dtype=torch.float64),
+            top_p=torch.tensor([r.s.top_p for r in rows], dtype=torch.float64),
+            # None when no row takes the leftmost fallback: select_commits then skips that part.
+            fallback=torch.tensor(fallback) if LEFTMOST in fallback else None,
+        )
+        used = set(params.policy.tolist())
+        if A == 0:  # only prefill chunks: nothing to score
+            empty = torch.zeros(B, 0, dtype=torch.long)
+            return self._apply(reqs, windows, ahead, canvases, empty.bool(), empty)
+        prop = propose_batch(logits, self.mask_id, params.temperature, params.top_p,
+                             [r.generator for r in rows], valid=valid.to(logits.device),
+                             need_margin=MARGIN in used, need_entropy=ENTROPY in used,
+                             allowed=self._heal_constraint(reqs, windows[:n]))
+        if plan.single_open:
+            commit = masked  # one open position per row, always written: no ranking to do
+        else:
+            commit = select_commits(prop, masked.to(logits.device), params, used).cpu()
+        return self._apply(reqs, windows, ahead, canvases, commit, prop.tokens.cpu())
+
+    def _apply(self, reqs, windows, ahead, canvases, commit, tokens) -> list[TokenEvent]:
+        events = []
+        for i, (r, w) in enumerate(zip(reqs, windows)):
+            j = ahead.get(i)
+            extra = None if j is None else (windows[j], canvases[j], commit[j], tokens[j])
+            try:
+                self.plan.after_forward(r, w)
+                applied = self.plan.apply(r, w, commit[i], tokens[i], extra)
+                self.lookahead_hits += applied.extra_used
+                events.append(TokenEvent(r, applied.committed, applied.done))
+            except Exception as e:  # one request's failure must not take the others down
+                r.error = f"{type(e).__name__}: {e}"
+                events.append(TokenEvent(r, [], "error"))
+        return events
+
+    def _heal_constraint(self, reqs: list[Request], windows):
+        """propose_batch's `allowed` for the rows whose first generated position is still open and
+        healed; None (nothing to pay) when there are none."""
+        at = [(i, j, r.heal_mask) for i, (r, w) in enumerate(zip(reqs, windows))
+              if r.heal_mask is not None and (j := r.heal_at(w)) is not None]
+        if not at:
+            return None
+        rows, cols, masks = zip(*at)
+        return torch.tensor(rows), torch.tensor(cols), torch.stack(masks)

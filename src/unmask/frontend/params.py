@@ -1,0 +1,75 @@
+"""Per-request sampling parameters, resolved against the model's defaults and validated up front,
+so a bad request is refused before it can touch the running batch."""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+
+from ..errors import UserError
+from ..sampling.policies import FALLBACKS, POLICIES, validate_fallback, validate_policy
+from ..sampling.reference import Settings, resolve_settings
+
+# The one parameter each policy takes, when neither the request nor generation_config sets it.
+POLICY_DEFAULTS = {"topk": 0.0, "threshold": 0.9, "factor": 1.0, "entropy": 0.1, "margin": 0.9}
+
+
+@dataclass
+class SamplingParams:
+    """None means: take it from the model's generation_config.json."""
+
+    max_tokens: int | None = None
+    temperature: float | None = None
+    top_p: float | None = None
+    policy: str | None = None
+    threshold: float | None = None  # tau (threshold, margin), f (factor) or gamma (entropy)
+    fallback: str | None = None  # "best" or "leftmost": what a step commits when the rule picks nothing
+    steps: int | None = None  # topk only: total diffusion steps (default: one per token)
+    block_size: int | None = None  # full-attention models only; block models use their own
+    stop: list[str] | str | None = None
+    seed: int | None = None
+    suffix: str | None = None  # fill-in-the-middle
+    stream_canvas: bool = False  # stream the whole canvas at every step
+    # Prompt healing (engine/healing.py): a text prompt ending in a newline plus indentation is sent
+    # without that whitespace and the model rewrites it; the text comes back relative to the prompt.
+    heal: bool = True
+
+
+@dataclass(frozen=True)
+class Resolved(Settings):
+    """The reference sampler's settings plus what only the engine needs."""
+
+    policy_id: int = 0
+    threshold: float = 0.0
+    stop: tuple[str, ...] = field(default_factory=tuple)
+    fallback_id: int = 0
+
+
+def resolve(model, params: SamplingParams, n_fixed: int) -> Resolved:
+    gen = model.generation
+    policy = params.policy if params.policy is not None else gen.policy
+    validate_policy(policy, params.threshold)
+    s = resolve_settings(model, n_fixed, max_tokens=params.max_tokens, steps=params.steps,
+                         block_size=params.block_size, temperature=params.temperature, top_p=params.top_p,
+                         policy=policy, policies=tuple(POLICIES))
+    if params.threshold is not None:
+        threshold = float(params.threshold)
+    elif policy == gen.policy:
+        threshold = gen.threshold
+    else:
+        threshold = POLICY_DEFAULTS[policy]
+    validate_policy(policy, threshold)
+    fallback = params.fallback if params.fallback is not None else gen.fallback
+    validate_fallback(fallback)
+    stop = params.stop
+    if stop is None:
+        stop = ()
+    elif isinstance(stop, str):
+        stop = (stop,)
+    else:
+        if not all(isinstance(x, str) for x in stop):
+            raise UserError("stop must be a string or a list of strings")
+        stop = tuple(stop)
+    if any(x == "" for x in stop):
+        raise UserError("stop strings must not be empty")
+    return Resolved(s.max_tokens, s.steps, s.block_size, s.temperature, s.top_p, policy, POLICIES[policy],
+                    threshold, stop, FALLBACKS[fallback])
