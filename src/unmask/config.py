@@ -27,6 +27,55 @@ class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", protected_namespaces=(), validate_assignment=True)
 
 
+class RopeScaling(Strict):
+    """Context extension of RoPE, as Hugging Face configs declare it in `rope_scaling` (model/rope.py)."""
+
+    type: Literal["linear", "dynamic", "yarn"]
+    factor: float = Field(gt=0)
+    # The context the model was pretrained with (dynamic, yarn); None -> max_seq_len.
+    original_max_position_embeddings: int | None = Field(None, ge=1)
+    # YaRN: the ramp between interpolated and extrapolated frequencies, in rotations over the original
+    # context; the attention scale (None -> 0.1 ln(factor) + 1, or the mscale ratio when both are given).
+    beta_fast: float = 32.0
+    beta_slow: float = 1.0
+    mscale: float | None = None
+    mscale_all_dim: float | None = None
+    attention_factor: float | None = None
+    truncate: bool = True
+
+
+class MoEConfig(Strict):
+    """A mixture-of-experts MLP (model/mlp.py), LLaDA2 / DeepSeek-V3 routing: the router's scores
+    (sigmoid or softmax, in fp32) plus an optional per-expert bias pick the experts, group-limited
+    when n_group > 1 (groups ranked by the sum of their two best biased scores, the best topk_group
+    kept); the chosen experts' unbiased scores, renormalised if norm_topk_prob, times
+    routed_scaling_factor, weight their outputs; shared experts are added with weight 1."""
+
+    n_experts: int = Field(ge=1)
+    top_k: int = Field(ge=1)
+    expert_hidden: int = Field(ge=1)  # each routed expert's SwiGLU width
+    n_shared_experts: int = Field(0, ge=0)  # one shared SwiGLU of width expert_hidden * n_shared_experts
+    first_k_dense: int = Field(0, ge=0)  # the first k layers keep the dense MLP (width mlp_hidden)
+    n_group: int = Field(1, ge=1)
+    topk_group: int = Field(1, ge=1)
+    score_function: Literal["sigmoid", "softmax"] = "sigmoid"
+    norm_topk_prob: bool = True
+    routed_scaling_factor: float = 1.0
+    expert_bias: bool = False  # a learned/balanced bias added to the scores for choosing only
+
+    @model_validator(mode="after")
+    def _check(self):
+        if self.top_k > self.n_experts:
+            raise ValueError(f"top_k={self.top_k} exceeds n_experts={self.n_experts}")
+        if self.n_experts % self.n_group:
+            raise ValueError(f"n_experts={self.n_experts} is not divisible by n_group={self.n_group}")
+        if self.topk_group > self.n_group:
+            raise ValueError(f"topk_group={self.topk_group} exceeds n_group={self.n_group}")
+        if self.top_k > self.topk_group * (self.n_experts // self.n_group):
+            raise ValueError("top_k exceeds the experts of the topk_group groups kept")
+        return self
+
+
 class ArchConfig(Strict):
     """Network shape. Token ids and vocabulary come from the tokenizer (see ModelConfig)."""
 
@@ -48,13 +97,24 @@ class ArchConfig(Strict):
     # far slower to train than the AR twin. Clean inputs are unchanged, so an AR model (which never
     # sees [MASK]) computes the same function with or without it.
     token_shift: bool = False
+    # Features of other checkpoint families (src/unmask/families/); the defaults are today's model.
+    head_size: int | None = Field(None, ge=2)  # per-head width of q, k, v; None -> d_model // n_heads
+    qkv_bias: bool = False  # biases on the q, k and v projections (Qwen2: Dream, Fast-dLLM v2)
+    qk_norm: bool = False  # per-head RMSNorm of q and k before RoPE (Qwen3: SDAR; LLaDA2)
+    rotary_dim: int | None = Field(None, ge=2)  # RoPE on the first rotary_dim dims of each head; None -> all
+    rope_scaling: RopeScaling | None = None
+    moe: MoEConfig | None = None  # None -> every layer has the dense SwiGLU
 
     @model_validator(mode="after")
     def _check(self):
-        if self.d_model % self.n_heads:
+        if self.head_size is None and self.d_model % self.n_heads:
             raise ValueError(f"d_model={self.d_model} is not divisible by n_heads={self.n_heads}")
-        if (self.d_model // self.n_heads) % 2:
-            raise ValueError("head_dim (d_model / n_heads) must be even for RoPE")
+        if self.head_dim % 2:
+            raise ValueError(f"head_dim={self.head_dim} must be even for RoPE")
+        if self.rotary_dim is not None and (self.rotary_dim % 2 or self.rotary_dim > self.head_dim):
+            raise ValueError(f"rotary_dim={self.rotary_dim} must be even and at most head_dim={self.head_dim}")
+        if self.moe is not None and self.moe.first_k_dense > self.n_layers:
+            raise ValueError(f"moe.first_k_dense={self.moe.first_k_dense} exceeds n_layers={self.n_layers}")
         kv = self.n_kv_heads or self.n_heads
         if self.n_heads % kv:
             raise ValueError(f"n_heads={self.n_heads} is not divisible by n_kv_heads={kv}")
@@ -67,7 +127,7 @@ class ArchConfig(Strict):
 
     @property
     def head_dim(self) -> int:
-        return self.d_model // self.n_heads
+        return self.head_size or self.d_model // self.n_heads
 
     @property
     def kv_heads(self) -> int:
@@ -84,6 +144,13 @@ class ModelConfig(ArchConfig):
     """What `config.json` of a checkpoint in our layout holds."""
 
     model_type: Literal["unmask"] = "unmask"
+    # The checkpoint family whose semantics these weights follow (src/unmask/families/): "unmask", or a
+    # Hugging Face model_type such as "llada", "Dream", "sdar", "llada2_moe", "Fast_dLLM_Qwen".
+    # model_type stays "unmask": it names this file's layout, family names the model's conventions.
+    family: str = "unmask"
+    # 1: the logits at position i predict token i + 1 (Dream, Fast-dLLM v2: AR-initialised models).
+    # The network never shifts; whoever reads its logits does (model/logit_shift.py).
+    logit_shift: int = Field(0, ge=0, le=1)
     vocab_size: int
     mask_token_id: int
     eos_token_id: int

@@ -11,8 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 from .config import GenerationConfig, ModelConfig, atomic_write_text, load_json, save_json
 from .errors import UserError
@@ -40,70 +39,77 @@ class Pretrained:
     config: ModelConfig
     generation: GenerationConfig = field(default_factory=GenerationConfig)
     path: Path | None = None
+    family: "object" = None  # the FamilySpec it was loaded through (unmask.families); None: built in memory
 
     @property
     def device(self) -> torch.device:
         return next(self.net.parameters()).device
 
+    @torch.inference_mode()
+    def logits(self, input_ids) -> torch.Tensor:
+        """The raw forward: (B, T) token ids (a tensor, or a list of equal-length lists) -> float32
+        (B, T, vocab) under the model's own attention (full, block-causal with blocks aligned at
+        position 0, or causal), where position i scores the token at position i. Families whose
+        outputs are shifted (Dream, Fast-dLLM v2, and autoregressive models: the output at i scores
+        i + 1) are shifted back; position 0, which nothing scores, repeats position 1's source, as
+        Dream's sampler does."""
+        from .decode import model_logit_shift
+        from .model.logit_shift import align_logits
 
-def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
-    files = []
-    if (path / INDEX).exists():
-        try:
-            index = json.loads((path / INDEX).read_text())
-            files = sorted(set(index["weight_map"].values()))
-        except (json.JSONDecodeError, KeyError, TypeError):
-            raise UserError(f"{path / INDEX}: corrupt shard index; re-export the checkpoint") from None
-    elif (path / "model.safetensors").exists():
-        files = ["model.safetensors"]
-    else:
-        raise UserError(f"{path}: no model.safetensors or {INDEX}; is this a checkpoint directory?")
-    state = {}
-    for name in files:
-        try:
-            state.update(load_file(path / name))
-        except FileNotFoundError:
-            raise UserError(f"{path / name}: shard listed in the index is missing") from None
-        except (SafetensorError, OSError, ValueError) as e:
-            raise UserError(f"{path / name}: corrupt safetensors file ({e}); re-download or re-export it") from None
-    return state
-
-
-def _check_shapes(net: Transformer, state: dict[str, torch.Tensor], path: Path) -> None:
-    want = {k: v.shape for k, v in net.state_dict().items()}
-    if net.config.tie_embeddings:
-        want.pop("lm_head.weight", None)
-        state.pop("lm_head.weight", None)
-    missing = sorted(set(want) - set(state))
-    extra = sorted(set(state) - set(want))
-    if missing or extra:
-        what = f"missing {missing[:3]}" if missing else f"unexpected {extra[:3]}"
-        raise UserError(f"{path}: config.json does not match the weights ({what}); use the config saved with them")
-    for k, shape in want.items():
-        if state[k].shape != shape:
-            raise UserError(
-                f"{path}: config.json does not match the weights: {k} is {tuple(state[k].shape)} "
-                f"but the config implies {tuple(shape)}"
-            )
+        ids = torch.as_tensor(input_ids, dtype=torch.long, device=self.device)
+        if ids.dim() == 1:
+            ids = ids[None]
+        if ids.dim() != 2:
+            raise UserError(f"input_ids must be (batch, length) token ids, got shape {tuple(ids.shape)}")
+        vocab = self.config.vocab_size
+        if ids.numel() and not (0 <= int(ids.min()) and int(ids.max()) < vocab):
+            raise UserError(f"input_ids hold ids outside the vocabulary of {vocab}")
+        return align_logits(self.net(ids).float(), model_logit_shift(self.config))
 
 
 def load(path: str | os.PathLike | None = None, device: str | torch.device = "cpu",
          dtype: torch.dtype = torch.float32) -> Pretrained:
-    """Load a checkpoint directory in our layout; None loads the embedded default model."""
-    from .tokenizer import Tokenizer
+    """Load a checkpoint directory: our layout, or any registered family's Hugging Face layout
+    (`unmask.families`: LLaDA, Dream, SDAR, LLaDA2 MoE, Fast-dLLM v2, Llama, Qwen2, Qwen3),
+    dispatched on config.json's `model_type`; or a GGUF file (a `.gguf` path, or a directory holding
+    one .gguf and no config.json: `unmask.families.gguf.load_gguf`). None loads the embedded default
+    model. Tensors are read lazily (memory-mapped, one at a time) straight into `dtype` on `device`;
+    nothing in the directory is ever executed."""
+    from .families import load_network
 
     path = Path(path) if path is not None else default_model_dir()
-    if not path.is_dir():
-        raise UserError(f"{path}: model directory not found")
-    if not (path / "config.json").exists():
-        raise UserError(f"{path}: no config.json; not a model directory in unmask's layout")
-    raw = _read_json(path / "config.json")
-    if raw.get("model_type") != "unmask":
-        raise UserError(f"{path}/config.json: model_type {raw.get('model_type')!r} is not supported; "
-                        "convert it with `unmask convert`")
-    cfg = load_json(ModelConfig, path / "config.json")
-    gen = load_json(GenerationConfig, path / "generation_config.json") if (path / "generation_config.json").exists() \
-        else GenerationConfig(block_size=cfg.block_size)
+    from .families.gguf import find_gguf
+    gguf_file = find_gguf(path)  # a .gguf file, or a directory holding one .gguf and no config.json
+    if gguf_file is not None:
+        from .families.gguf import load_gguf
+        net, cfg, spec, tok, _ = load_gguf(gguf_file, device=device, dtype=dtype)
+        gen = spec.generation_config(**({"block_size": cfg.block_size} if cfg.attention == "block" else {}))
+        return Pretrained(net.eval(), tok, cfg, gen, path, spec)
+    from .families import get as family_of
+
+    net, cfg, spec, raw = load_network(path, device=device, dtype=dtype)
+    # Our layout may hold a foreign family's weights (a fine-tune of one): its tokenizer and chat
+    # conventions are that family's.
+    family = family_of(cfg.family) if spec.name == UNMASK_FAMILY else spec
+    if family.name == UNMASK_FAMILY:
+        tok = _our_tokenizer(path, cfg)
+    else:
+        from .tokenizer import HFTokenizer
+        tok = HFTokenizer.from_dir(path, mask_id=cfg.mask_token_id, eos_id=cfg.eos_token_id,
+                                   pad_id=cfg.pad_token_id, end_token=family.end_of_turn)
+    if spec.name == UNMASK_FAMILY:
+        gen = _our_generation(path, cfg)
+    else:
+        gen = spec.generation_config(**({"block_size": cfg.block_size} if cfg.attention == "block" else {}))
+    return Pretrained(net.eval(), tok, cfg, gen, path, family)
+
+
+UNMASK_FAMILY = "unmask"
+
+
+def _our_tokenizer(path: Path, cfg: ModelConfig):
+    from .tokenizer import Tokenizer
+
     tok = Tokenizer.from_file(path / "tokenizer.json")
     if tok.vocab_size > cfg.vocab_size:
         raise UserError(f"{path}: tokenizer has {tok.vocab_size} tokens but config.json says vocab_size={cfg.vocab_size}")
@@ -111,19 +117,13 @@ def load(path: str | os.PathLike | None = None, device: str | torch.device = "cp
         if getattr(cfg, name) != want:
             raise UserError(f"{path}/config.json: {name}={getattr(cfg, name)} but tokenizer.json has id {want}; "
                             "the tokenizer does not belong to these weights")
-    with torch.device("meta"):
-        net = Transformer(cfg)
-    state = _read_state_dict(path)
-    _check_shapes(net, state, path)
-    net = net.to_empty(device=device)
-    net.load_state_dict(state, strict=False)
-    if cfg.tie_embeddings:
-        net.lm_head.weight = net.embed.weight
-    # RoPE tables are buffers that meta-device construction left empty.
-    from .model.transformer import rope_tables
-    net.rope_cos, net.rope_sin = (t.to(device) for t in rope_tables(cfg.head_dim, cfg.max_seq_len, cfg.rope_theta))
-    net = net.to(dtype).eval()
-    return Pretrained(net, tok, cfg, gen, path)
+    return tok
+
+
+def _our_generation(path: Path, cfg: ModelConfig) -> GenerationConfig:
+    if (path / "generation_config.json").exists():
+        return load_json(GenerationConfig, path / "generation_config.json")
+    return GenerationConfig(block_size=cfg.block_size)
 
 
 def _read_json(p: Path) -> dict:

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from ..model.logit_shift import align_logits
 from ..model.shift import block_left_context, left_context
 from .masking import Noise, apply_mask, token_times
 from .schedules import Schedule
@@ -88,7 +89,7 @@ def mdlm_loss(model, x0, noise: Noise, schedule: Schedule, mask_id: int, prompt_
     normalised by its own length.
     """
     masked, w = _diffusion_masks(x0, noise, schedule, None, prompt_mask, estimator, eps)
-    logits = model(apply_mask(x0, masked, mask_id))
+    logits = align_logits(model(apply_mask(x0, masked, mask_id)), _logit_shift(model))
     per = torch.where(masked, _masked_ce(logits, x0, mask_id) * w, 0.0)  # not `* masked`: inf * 0 = nan
     return _reduce(per, None if prompt_mask is None else ~prompt_mask)
 
@@ -130,6 +131,11 @@ def bd3_additive_mask(length: int, block_size: int, device: str) -> torch.Tensor
     return torch.zeros(allowed.shape, device=device).masked_fill_(~allowed, float("-inf"))
 
 
+def _logit_shift(model) -> int:
+    """1 for families whose output at i scores token i + 1 (Dream, Fast-dLLM v2; config.logit_shift)."""
+    return int(getattr(getattr(_unwrap(model), "config", None), "logit_shift", 0))
+
+
 def _unwrap(model):
     """The Transformer under DDP / torch.compile wrappers."""
     while hasattr(model, "module") or hasattr(model, "_orig_mod"):
@@ -156,7 +162,16 @@ def bd3lm_loss(model, x0, noise: Noise, schedule: Schedule, mask_id: int, block_
         prev_t, gap_t = block_left_context(xt, x0, mask_id, block_size, pad)
         prev_0, gap_0 = left_context(x0, mask_id, pad)
         extra = {"prev_idx": torch.cat([prev_t, prev_0], 1), "prev_gap": torch.cat([gap_t, gap_0], 1)}
-    logits = model(torch.cat([xt, x0], dim=1), positions=pos, attn_mask=mask, logits_from=0, logits_to=L, **extra)
+    shift = _logit_shift(model)
+    logits = model(torch.cat([xt, x0], dim=1), positions=pos, attn_mask=mask, logits_from=0,
+                   logits_to=2 * L if shift else L, **extra)
+    if shift:
+        # A shifted family (Fast-dLLM v2) scores position i from the output at i - 1: inside a block
+        # that is the noised copy; a block's first position is scored from the clean end of the
+        # previous block (the x_0 half), as inference does.
+        i = torch.arange(L, device=x0.device)
+        src = torch.where(i % block_size == 0, L + i - 1, i - 1).clamp(min=0)
+        logits = logits[:, src]
     per = torch.where(masked, _masked_ce(logits, x0, mask_id) * w, 0.0)  # not `* masked`: inf * 0 = nan
     return _reduce(per, None if prompt_mask is None else ~prompt_mask)
 

@@ -1,5 +1,9 @@
 """A decoder-style transformer (RMSNorm, RoPE, SwiGLU, optional GQA, no biases), nanoGPT-sized.
 
+Other checkpoint families need a few more features, all off by default (config.py ArchConfig): an
+explicit head width, q/k/v biases and per-head q/k norms (model/attention.py), partial and scaled
+RoPE (model/rope.py), and mixture-of-experts layers (model/mlp.py).
+
 The attention pattern comes from the config: `full` (MDLM/LLaDA), `block` (block-causal, BD3-LM) or
 `causal` (AR). Callers that need something else (the doubled training sequence of block diffusion, a
 query block against a KV cache) pass an explicit boolean `attn_mask` and absolute `positions`.
@@ -7,100 +11,17 @@ query block against a KV cache) pass an explicit boolean `attn_mask` and absolut
 from __future__ import annotations
 
 import math
-from typing import Protocol
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from ..config import ModelConfig
+from .attention import Attention, KVCache  # noqa: F401  (KVCache: the protocol callers implement)
 from .inputs import ForwardBatch
 from .masks import block_causal_mask
+from .mlp import MLP, MoE, Router, make_mlp  # noqa: F401
+from .rope import apply_rope, rope_tables  # noqa: F401  (re-exported: callers import them from here)
 from .shift import MAX_GAP, left_context
-
-try:  # FlexAttention (torch >= 2.5): block-sparse masks, used for BD3-LM training on CUDA
-    from torch.nn.attention.flex_attention import BlockMask, flex_attention
-except ImportError:  # pragma: no cover
-    BlockMask, flex_attention = None, None
-_compiled_flex = None
-
-
-def _flex(q, k, v, block_mask, enable_gqa: bool):
-    # Eager flex_attention materialises the full score matrix; compiled, it skips masked tiles.
-    global _compiled_flex
-    if q.device.type != "cuda":
-        return flex_attention(q, k, v, block_mask=block_mask, enable_gqa=enable_gqa)
-    if _compiled_flex is None:
-        _compiled_flex = torch.compile(flex_attention, dynamic=False)
-    return _compiled_flex(q, k, v, block_mask=block_mask, enable_gqa=enable_gqa)
-
-
-class KVCache(Protocol):
-    """What the engine hands to `Transformer.forward`. The model only asks it for the keys and values
-    to attend to; which positions they hold, and when they are kept, is the engine's business."""
-
-    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]: ...
-
-
-def rope_tables(head_dim: int, max_len: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
-    inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim)
-    angles = torch.outer(torch.arange(max_len, dtype=torch.float64), inv_freq)
-    return angles.cos().float(), angles.sin().float()
-
-
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    # x: (B, H, T, D) with the rotated pairs in the two halves of D; cos/sin: (B, 1, T, D/2)
-    x1, x2 = x.float().chunk(2, dim=-1)
-    return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1).type_as(x)
-
-
-class Attention(nn.Module):
-    def __init__(self, cfg: ModelConfig):
-        super().__init__()
-        self.n_heads, self.n_kv, self.head_dim = cfg.n_heads, cfg.kv_heads, cfg.head_dim
-        self.q_proj = nn.Linear(cfg.d_model, cfg.n_heads * cfg.head_dim, bias=False)
-        self.k_proj = nn.Linear(cfg.d_model, self.n_kv * cfg.head_dim, bias=False)
-        self.v_proj = nn.Linear(cfg.d_model, self.n_kv * cfg.head_dim, bias=False)
-        self.o_proj = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.d_model, bias=False)
-
-    def forward(self, x, cos, sin, mask, is_causal, layer: int, kv_cache: KVCache | None, packed=None):
-        """x: (B, T, d), or with `packed` (see Transformer.forward) the (N, d) rows of real tokens."""
-        if packed is None:
-            B, T, _ = x.shape
-            q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
-        else:
-            B, T, idx = packed
-            q, k, v = (_unpack(p(x), B * T, idx) for p in (self.q_proj, self.k_proj, self.v_proj))
-        q = q.view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
-        k = k.view(B, T, self.n_kv, self.head_dim).transpose(1, 2)
-        v = v.view(B, T, self.n_kv, self.head_dim).transpose(1, 2)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        if kv_cache is not None:
-            k, v = kv_cache.update(layer, k, v)
-        if BlockMask is not None and isinstance(mask, BlockMask):
-            y = _flex(q, k, v, mask, self.n_kv != self.n_heads)
-        else:
-            y = F.scaled_dot_product_attention(
-                q, k, v, attn_mask=mask, is_causal=is_causal, enable_gqa=self.n_kv != self.n_heads
-            )
-        y = y.transpose(1, 2).reshape(B, T, -1)
-        return self.o_proj(y if packed is None else y.reshape(B * T, -1)[packed[2]])
-
-
-def _unpack(rows: torch.Tensor, n: int, idx: torch.Tensor) -> torch.Tensor:
-    """(N, C) rows of real tokens -> (n, C) with zeros at the padding positions."""
-    return rows.new_zeros(n, rows.shape[-1]).index_copy_(0, idx, rows)
-
-
-class MLP(nn.Module):
-    def __init__(self, cfg: ModelConfig):
-        super().__init__()
-        self.gate_proj = nn.Linear(cfg.d_model, cfg.hidden, bias=False)
-        self.up_proj = nn.Linear(cfg.d_model, cfg.hidden, bias=False)
-        self.down_proj = nn.Linear(cfg.hidden, cfg.d_model, bias=False)
-
-    def forward(self, x):
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
 
 
 class Block(nn.Module):
@@ -110,7 +31,7 @@ class Block(nn.Module):
         self.attn_norm = nn.RMSNorm(cfg.d_model, eps=cfg.norm_eps)
         self.attn = Attention(cfg)
         self.mlp_norm = nn.RMSNorm(cfg.d_model, eps=cfg.norm_eps)
-        self.mlp = MLP(cfg)
+        self.mlp = make_mlp(cfg, layer)
 
     def forward(self, x, cos, sin, mask, is_causal, kv_cache, packed=None):
         x = x + self.attn(self.attn_norm(x), cos, sin, mask, is_causal, self.layer, kv_cache, packed)
@@ -129,7 +50,7 @@ class Transformer(nn.Module):
         self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
         if cfg.tie_embeddings:
             self.lm_head.weight = self.embed.weight
-        cos, sin = rope_tables(cfg.head_dim, cfg.max_seq_len, cfg.rope_theta)
+        cos, sin = self.rope_tables(cfg)
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
         self.apply(self._init)
@@ -139,8 +60,20 @@ class Transformer(nn.Module):
 
     @staticmethod
     def _init(m: nn.Module):
-        if isinstance(m, (nn.Linear, nn.Embedding)):
+        if isinstance(m, (nn.Linear, nn.Embedding, Router)):
             nn.init.normal_(m.weight, std=0.02)
+        if isinstance(m, nn.Linear) and m.bias is not None:
+            nn.init.zeros_(m.bias)
+
+    @staticmethod
+    def rope_tables(cfg: ModelConfig) -> tuple[torch.Tensor, torch.Tensor]:
+        """The cos/sin tables this config implies (float32, (max_seq_len, rotary_dim / 2)). A net built
+        on the meta device has none: assign them with `net.reset_rope(device)`."""
+        return rope_tables(cfg.head_dim, cfg.max_seq_len, cfg.rope_theta, cfg.rotary_dim, cfg.rope_scaling)
+
+    def reset_rope(self, device: torch.device | str = "cpu") -> None:
+        """Recompute the RoPE buffers on `device` (after meta-device construction or a load)."""
+        self.rope_cos, self.rope_sin = (t.to(device) for t in self.rope_tables(self.config))
 
     def default_mask(self, positions: torch.Tensor) -> tuple[torch.Tensor | None, bool]:
         """The mask this model's attention mode implies for a self-contained sequence."""
