@@ -128,7 +128,8 @@ def test_file_errors(tmp_path, tokenizer_json):
     (d / "tokenizer_config.json").write_text("[1, 2")
     one_line_error(lambda: HFTokenizer.from_dir(d), "tokenizer_config.json", "corrupt")
     d = make_dir(tmp_path / "e", tokenizer_json, end_token=None)
-    one_line_error(lambda: HFTokenizer.from_dir(d, end_token="<|nope|>"), "'<|nope|>'")
+    # a family's end-of-turn token the tokenizer lacks (our tokenizer in another family's layout): the usual names
+    assert HFTokenizer.from_dir(d, end_token="<|nope|>").end_id == HFTokenizer.from_dir(d).end_id
 
 
 # ---- encoding and decoding ---------------------------------------------------------------

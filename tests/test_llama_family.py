@@ -199,3 +199,22 @@ def test_pretrained_load_of_an_ar_checkpoint(tmp_path):
         want = ref(torch.tensor(x))
     got = model.logits(x)  # position i scores token i: the causal output is shifted back
     torch.testing.assert_close(got[0, 1:], want[0, :-1], atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("scaling", [
+    {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+     "original_max_position_embeddings": 16},
+    {"rope_type": "linear", "factor": 2.0},
+    {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 16},
+])
+def test_rope_scaling_matches_transformers(scaling, tmp_path):
+    """Llama 3.1's `llama3` scaling (and linear, YaRN) as transformers applies them, past the
+    original context."""
+    out, _ = write_tiny("llama", tmp_path / "llama", dtype=torch.float32)
+    _edit_config(out, rope_scaling=scaling, rope_theta=10000.0)
+    net, cfg, _, _ = load_network(out)
+    assert cfg.rope_scaling is not None and cfg.rope_scaling.type == scaling["rope_type"]
+    x = torch.randint(0, cfg.vocab_size, (1, 60), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        ours = net(x)
+    assert (ours - _transformers_logits(out, x)).abs().max().item() < TOL

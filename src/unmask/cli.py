@@ -77,7 +77,7 @@ def cmd_generate(a) -> None:
             raise UserError("--fallback applies to the engine's policies; drop --reference or --fallback")
         if not a.lookahead:
             raise UserError("--no-lookahead applies to the engine; drop --reference or --no-lookahead")
-        from .engine.healing import ASCII_WHITESPACE, split_trailing_whitespace, unheal
+        from .frontend.healing import ASCII_WHITESPACE, split_trailing_whitespace, unheal
         from .sampling import reference_generate
 
         # The reference sampler knows no constraints: it is healed as the evaluations heal it (the
@@ -245,15 +245,16 @@ def cmd_bench(a) -> None:
     print(f"\nwrote {json_path} and {plot_path}")
 
 
+# Layouts `unmask convert --to` writes: unmask.families.supported(), spelled out so that `unmask --help`
+# does not import torch (a test keeps the two equal).
+CONVERT_TARGETS = ("unmask", "llama", "qwen2", "qwen3", "llada", "sdar", "Dream", "Fast_dLLM_Qwen", "llada2_moe")
+
+
 def cmd_convert(a) -> None:
-    import torch
+    from .convert import convert
 
-    from .pretrained import load, save
-
-    model = load(a.src)
-    card = (model.path / "README.md").read_text() if (model.path / "README.md").exists() else None
-    out = save(model, a.dst, card=card, dtype={"bf16": torch.bfloat16, "fp32": torch.float32}[a.dtype])
-    print(f"wrote {out} ({a.dtype})")
+    out = convert(a.src, a.dst, to=a.to, dtype=a.dtype)
+    print(f"wrote {out} ({a.to} layout, dtype {a.dtype})")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -411,10 +412,15 @@ def build_parser() -> argparse.ArgumentParser:
     bn.add_argument("--threads", type=_positive_int, default=None, help="torch threads (default: torch's)")
     bn.add_argument("--quick", action="store_true", help="few prompts, short length: under 2 minutes on 2 cores")
     bn.set_defaults(func=cmd_bench)
-    c = sub.add_parser("convert", help="convert a checkpoint (today: our layout, changing the storage dtype)")
-    c.add_argument("src")
-    c.add_argument("dst")
-    c.add_argument("--dtype", choices=["bf16", "fp32"], default="bf16")
+    c = sub.add_parser("convert", help="write a model in our layout or a Hugging Face family's (llama for "
+                                        "transformers and llama.cpp, llada, sdar, ...); lossless with --dtype keep")
+    c.add_argument("src", help="any model unmask loads: our layout, a supported family's directory, a .gguf file")
+    c.add_argument("dst", help="the directory to write (replaced atomically if it is a model directory)")
+    c.add_argument("--to", default="unmask", metavar="FAMILY",
+                   help=f"target layout, a model_type: {', '.join(CONVERT_TARGETS)} (default: unmask, ours); "
+                        "a model the layout cannot hold is refused, naming the feature and the layouts that can")
+    c.add_argument("--dtype", choices=["bf16", "fp32", "keep"], default="keep",
+                   help="storage dtype of the weights (default: keep, each tensor as stored; GGUF: float32)")
     c.set_defaults(func=cmd_convert)
     return p
 

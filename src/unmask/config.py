@@ -30,7 +30,7 @@ class Strict(BaseModel):
 class RopeScaling(Strict):
     """Context extension of RoPE, as Hugging Face configs declare it in `rope_scaling` (model/rope.py)."""
 
-    type: Literal["linear", "dynamic", "yarn"]
+    type: Literal["linear", "dynamic", "yarn", "llama3"]
     factor: float = Field(gt=0)
     # The context the model was pretrained with (dynamic, yarn); None -> max_seq_len.
     original_max_position_embeddings: int | None = Field(None, ge=1)
@@ -42,6 +42,10 @@ class RopeScaling(Strict):
     mscale_all_dim: float | None = None
     attention_factor: float | None = None
     truncate: bool = True
+    # llama3 (Llama 3.1+): wavelengths below original / high_freq_factor kept, above original /
+    # low_freq_factor divided by factor, a smooth blend between.
+    low_freq_factor: float = 1.0
+    high_freq_factor: float = 4.0
 
 
 class MoEConfig(Strict):

@@ -5,7 +5,7 @@ and Qwen3 (`Qwen3ForCausalLM`). Causal attention, the AR objective, and the Qwen
 
 - Llama: no biases (`attention_bias` / `mlp_bias` true are refused: our network has no o-proj or MLP
   bias), `head_dim` defaults to hidden_size / heads. `rope_scaling` of type `llama3` (Llama 3.1+)
-  is refused: our RoPE has linear, dynamic and YaRN only.
+  is read like linear, dynamic and YaRN (model/rope.py).
 - Qwen2: q/k/v biases, always present (the modeling code hard-codes them), no o-proj bias.
 - Qwen3: per-head q/k RMSNorm before RoPE, no biases (`attention_bias` true is refused), `head_dim`
   defaults to 128 (Qwen3Config's default, not hidden_size / heads).

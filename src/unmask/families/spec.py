@@ -191,7 +191,7 @@ def special_ids(raw: dict, path: Path, mask_tokens: tuple[str, ...], native: dic
     return {"mask_token_id": mask, "eos_token_id": eos, "pad_token_id": native.get("pad", eos) if pad is None else pad}
 
 
-_ROPE_TYPES = ("linear", "dynamic", "yarn")
+_ROPE_TYPES = ("linear", "dynamic", "yarn", "llama3")
 
 
 def rope_scaling_from_hf(raw: dict, path: Path, max_positions: int) -> RopeScaling | None:

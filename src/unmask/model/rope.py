@@ -13,6 +13,9 @@ Scalings (`RopeScaling.type`):
   on every call from the current length; a table (and an exact KV cache) needs one length, so we
   use `max_seq_len`. With `max_seq_len` at the original context (what the family configs give) it
   is a no-op, exactly as Hugging Face up to that length.
+- `llama3` (Llama 3.1+): wavelengths shorter than `original / high_freq_factor` are kept, longer than
+  `original / low_freq_factor` divided by `factor`, and those between blended linearly in
+  `original / wavelength`.
 - `yarn`: a per-frequency blend of interpolation (`inv_freq / factor`) and extrapolation
   (`inv_freq`) with a linear ramp between the correction dimensions of `beta_fast` and `beta_slow`
   rotations over the original context, and an attention scale (`0.1 * ln(factor) + 1` unless the
@@ -52,6 +55,14 @@ def inv_frequencies(rotary_dim: int, theta: float, scaling: RopeScaling | None =
     original = scaling.original_max_position_embeddings or seq_len or 0
     if scaling.type == "linear":
         return _base_inv_freq(rotary_dim, theta) / f, 1.0
+    if scaling.type == "llama3":
+        inv = _base_inv_freq(rotary_dim, theta)
+        wavelen = 2 * math.pi / inv
+        low, high = original / scaling.low_freq_factor, original / scaling.high_freq_factor
+        smooth = ((original / wavelen - scaling.low_freq_factor)
+                  / (scaling.high_freq_factor - scaling.low_freq_factor)).clamp(0, 1)
+        blended = (1 - smooth) * inv / f + smooth * inv
+        return torch.where(wavelen < high, inv, torch.where(wavelen > low, inv / f, blended)), 1.0
     if scaling.type == "dynamic":
         if seq_len is None or seq_len <= original:
             return _base_inv_freq(rotary_dim, theta), 1.0

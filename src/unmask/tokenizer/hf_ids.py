@@ -14,7 +14,7 @@ a tokenizer copied from another model disagrees with the config. `resolve_ids` s
   design, e.g. Fast-dLLM v2's config pads with `<|im_end|>` while its tokenizer names
   `<|endoftext|>`, and Qwen-based configs name a bos their tokenizer never uses); else the files'
   token; pad falls back to eos, bos to None.
-- end of turn: `end_token` when given, else the first of `<|im_end|>`, `<|eot_id|>`,
+- end of turn: `end_token` when given and in the vocabulary, else the first of `<|im_end|>`, `<|eot_id|>`,
   `<|role_end|>`, ... in the vocabulary; None when there is none.
 - FIM: `<|fim_prefix|>`, `<|fim_suffix|>`, `<|fim_middle|>` (or `<fim_prefix>`, ...) when all
   three are in the vocabulary (Qwen-based families), else None.
@@ -176,12 +176,10 @@ def resolve_ids(hf: _RustTokenizer, directory: Path, *, mask_id: int | None, eos
         if mask == other:
             raise UserError(f"{where}: the mask id {mask} is also the {key}; a masked-diffusion "
                             f"model needs a mask token of its own, fix {key} in config.json")
-    if end_token is not None:
-        end = hf.token_to_id(end_token)
-        if end is None:
-            raise UserError(f"{where}: the end-of-turn token {end_token!r} is not in the "
-                            "vocabulary; name a token the tokenizer has")
-    else:
+    # The family's end-of-turn token when the tokenizer has it (a model converted into another
+    # family's layout keeps its own tokenizer), else the first of the usual names.
+    end = hf.token_to_id(end_token) if end_token is not None else None
+    if end is None:
         end = f.find(END_NAMES)
     fim = None
     for names in FIM_NAMES:
