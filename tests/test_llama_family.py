@@ -147,7 +147,7 @@ def test_qwen3_head_dim_defaults_to_128(tmp_path):
 def test_unsupported_fields_are_refused(tmp_path):
     out, _ = write_tiny("llama", tmp_path / "m")
     for field, value, expect in (("attention_bias", True, "attention_bias"), ("mlp_bias", True, "mlp_bias"),
-                                 ("rope_scaling", {"rope_type": "llama3", "factor": 8.0}, "'llama3'"),
+                                 ("rope_scaling", {"rope_type": "longrope", "factor": 8.0}, "'longrope'"),
                                  ("hidden_act", "gelu", "hidden_act")):
         d = tmp_path / field
         d.mkdir()

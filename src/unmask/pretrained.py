@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -15,6 +13,7 @@ from safetensors.torch import save_file
 
 from .config import GenerationConfig, ModelConfig, atomic_write_text, load_json, save_json
 from .errors import UserError
+from .fsutil import staged_dir
 from .model import Transformer
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -83,24 +82,9 @@ def load(path: str | os.PathLike | None = None, device: str | torch.device = "cp
     if gguf_file is not None:
         from .families.gguf import load_gguf
         net, cfg, spec, tok, _ = load_gguf(gguf_file, device=device, dtype=dtype)
-        gen = spec.generation_config(**({"block_size": cfg.block_size} if cfg.attention == "block" else {}))
-        return Pretrained(net.eval(), tok, cfg, gen, path, spec)
-    from .families import get as family_of
-
+        return Pretrained(net.eval(), tok, cfg, spec.generation_for(cfg), path, spec)
     net, cfg, spec, raw = load_network(path, device=device, dtype=dtype)
-    # Our layout may hold a foreign family's weights (a fine-tune of one): its tokenizer and chat
-    # conventions are that family's.
-    family = family_of(cfg.family) if spec.name == UNMASK_FAMILY else spec
-    if family.name == UNMASK_FAMILY:
-        tok = _our_tokenizer(path, cfg)
-    else:
-        from .tokenizer import HFTokenizer
-        tok = HFTokenizer.from_dir(path, mask_id=cfg.mask_token_id, eos_id=cfg.eos_token_id,
-                                   pad_id=cfg.pad_token_id, end_token=family.end_of_turn)
-    if spec.name == UNMASK_FAMILY:
-        gen = _our_generation(path, cfg)
-    else:
-        gen = spec.generation_config(**({"block_size": cfg.block_size} if cfg.attention == "block" else {}))
+    family, tok, gen = conventions(path, cfg, spec)
     return Pretrained(net.eval(), tok, cfg, gen, path, family)
 
 
@@ -126,6 +110,28 @@ def _our_generation(path: Path, cfg: ModelConfig) -> GenerationConfig:
     return GenerationConfig(block_size=cfg.block_size)
 
 
+def family_tokenizer(path: Path, cfg: ModelConfig, family):
+    """The tokenizer of the checkpoint directory `path` as `family` keeps it: ours (checked against
+    config.json), or the family's Hugging Face tokenizer files."""
+    if family.name == UNMASK_FAMILY:
+        return _our_tokenizer(path, cfg)
+    from .tokenizer import HFTokenizer
+    return HFTokenizer.from_dir(path, mask_id=cfg.mask_token_id, eos_id=cfg.eos_token_id,
+                                pad_id=cfg.pad_token_id, end_token=family.end_of_turn)
+
+
+def conventions(path: Path, cfg: ModelConfig, spec) -> tuple[object, object, GenerationConfig]:
+    """(family, tokenizer, decoding defaults) of a checkpoint directory read through `spec`. Our layout
+    may hold a foreign family's weights (a fine-tune of one): its tokenizer and chat conventions are
+    that family's, its decoding defaults our generation_config.json."""
+    from .families import get as family_of
+
+    family = family_of(cfg.family) if spec.name == UNMASK_FAMILY else spec
+    tok = family_tokenizer(path, cfg, family)
+    gen = _our_generation(path, cfg) if spec.name == UNMASK_FAMILY else spec.generation_for(cfg)
+    return family, tok, gen
+
+
 def _read_json(p: Path) -> dict:
     try:
         return json.loads(p.read_text())
@@ -143,12 +149,7 @@ def save(model: Pretrained | Transformer, out: str | os.PathLike, tokenizer=None
     else:
         net = model
     out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}."))
-    umask = os.umask(0)
-    os.umask(umask)
-    old = out.with_name(f".{out.name}.old")
-    try:
+    with staged_dir(out, keep=("README.md",)) as tmp:  # keep a hand-written model card
         state = {k: v.detach().to("cpu", dtype).contiguous() for k, v in net.state_dict().items()}
         if net.config.tie_embeddings:
             state.pop("lm_head.weight", None)
@@ -159,25 +160,6 @@ def save(model: Pretrained | Transformer, out: str | os.PathLike, tokenizer=None
             tokenizer.save(tmp / "tokenizer.json")
         if card is not None:
             atomic_write_text(tmp / "README.md", card)
-        # mkdtemp makes the directory 0700; a checkpoint should be as readable as any other file.
-        os.chmod(tmp, 0o777 & ~umask)
-        for f in tmp.iterdir():
-            os.chmod(f, 0o666 & ~umask)
-        if out.exists():
-            # Keep a hand-written model card if the caller did not supply one.
-            if card is None and (out / "README.md").exists():
-                shutil.copy2(out / "README.md", tmp / "README.md")
-            shutil.rmtree(old, ignore_errors=True)
-            os.replace(out, old)
-            os.replace(tmp, out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        if old.exists() and not out.exists():
-            os.replace(old, out)  # interrupted between the two renames: put the previous checkpoint back
-        raise
     return out
 
 

@@ -28,6 +28,20 @@ from .runner import ModelRunner
 from .scheduler import Scheduler
 
 
+def default_kv_budget(cfg, max_batch: int, dtype: torch.dtype, device) -> int:
+    """Tokens of KV cache when the caller names none: room for max_batch full contexts, but at most
+    half the memory free on the device (a 7B full-context cache for 16 requests would not fit), and
+    at least one full context."""
+    from ..families.load import available_memory
+
+    want = max_batch * cfg.max_seq_len
+    free = available_memory(torch.device(device))
+    if free is None:
+        return want
+    per_token = 2 * cfg.n_layers * cfg.kv_heads * cfg.head_dim * torch.empty((), dtype=dtype).element_size()
+    return max(cfg.max_seq_len, min(want, free // 2 // per_token))
+
+
 @dataclass
 class TokenEvent:
     """What one step did to one request: the canvas positions it committed (relative to the
@@ -75,10 +89,10 @@ class EngineCore:
         self.lookahead_rows = self.lookahead_hits = 0
         cache_obj = None
         if plan.uses_cache:
-            budget = kv_budget_tokens or max_batch * cfg.max_seq_len
             page = plan.page_size
             dtype = next(model.net.parameters()).dtype
             dtype = dtype if dtype.is_floating_point else torch.float32
+            budget = kv_budget_tokens or default_kv_budget(cfg, max_batch, dtype, model.device)
             cache_obj = PagedKVCache(cfg.n_layers, cfg.kv_heads, cfg.head_dim, budget, page, model.device, dtype)
         self.cache = cache_obj
         # Decode steps padded to static shape buckets, replayed as CUDA graphs on a CUDA model. On CPU

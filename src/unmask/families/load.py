@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import os
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -20,7 +21,7 @@ from . import registry
 from .checkpoint import CheckpointReader
 from .spec import FamilySpec, read_json
 
-_KEEP_FP32 = ("expert_bias",)  # routing biases stay float32 whatever the model dtype (routing is fp32)
+KEEP_FP32 = ("expert_bias",)  # routing biases stay float32 whatever the model dtype (routing is fp32)
 _RECOMPUTED = ("rotary_emb.inv_freq",)  # buffers some checkpoints store; we compute our own
 _MARGIN = 0.05  # activations and allocator slack on top of the weights, as a share of them ...
 _MARGIN_MIN = 256 * 2**20  # ... and at least this much
@@ -66,7 +67,7 @@ def available_memory(device: torch.device) -> int | None:
 def estimate_bytes(cfg: ModelConfig, shapes: dict[str, torch.Size], dtype: torch.dtype) -> int:
     """What the loaded network occupies: its tensors at the target dtype plus the RoPE tables."""
     size = torch.empty((), dtype=dtype).element_size()
-    params = sum(math.prod(s) * (4 if n.endswith(_KEEP_FP32) else size) for n, s in shapes.items())
+    params = sum(math.prod(s) * (4 if n.endswith(KEEP_FP32) else size) for n, s in shapes.items())
     return params + 2 * cfg.max_seq_len * (cfg.rotary_dim or cfg.head_dim) // 2 * 4
 
 
@@ -78,13 +79,61 @@ def _check_memory(path: Path, need: int, device: torch.device) -> None:
                         f"{have / 2**30:.2f} GiB is available; free memory, use a smaller dtype or another device")
 
 
-def _convert(name: str, t: torch.Tensor, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
-    if t.is_floating_point():
-        t = t.to(device=device, dtype=torch.float32 if name.endswith(_KEEP_FP32) else dtype)
-    else:
+def cast(name: str, t: torch.Tensor, dtype: torch.dtype | None,
+         device: torch.device | None = None) -> torch.Tensor:
+    """A checkpoint tensor in `dtype` (floating ones; None: as stored; routing biases stay float32) on
+    `device` (None: where it is)."""
+    if t.is_floating_point() and dtype is not None:
+        t = t.to(device=device, dtype=torch.float32 if name.endswith(KEEP_FP32) else dtype)
+    elif device is not None:
         t = t.to(device=device)
     # A slice of a fused tensor (LLaDA2's query_key_value) must not keep sharing its storage.
     return t.clone() if t._base is not None else t
+
+
+def meta_network(cfg: ModelConfig) -> tuple[Transformer, dict[str, torch.Size]]:
+    """The network of `cfg` on the meta device, and the shapes of the tensors a checkpoint of it holds
+    (no lm_head when the embeddings are tied)."""
+    with torch.device("meta"):
+        net = Transformer(cfg)
+    shapes = {k: v.shape for k, v in net.state_dict().items()}
+    if cfg.tie_embeddings:
+        shapes.pop("lm_head.weight", None)
+    return net, shapes
+
+
+def install(net: Transformer, cfg: ModelConfig, state: dict[str, torch.Tensor], device: torch.device) -> Transformer:
+    """`net` (from `meta_network`) holding `state`, its head tied if `cfg` says so, RoPE tables on
+    `device`, in eval mode."""
+    net.load_state_dict(state, strict=False, assign=True)
+    if cfg.tie_embeddings:
+        net.lm_head.weight = net.embed.weight
+    net.reset_rope(device)
+    return net.eval()
+
+
+def read_state(path: Path, cfg: ModelConfig, spec: FamilySpec, shapes: dict[str, torch.Size],
+               convert: Callable[[str, torch.Tensor], torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Our tensors of the checkpoint directory `path`, through `spec`'s adapter and `convert` one at a
+    time; a tensor of the wrong shape or one config.json does not account for is a UserError."""
+    state: dict[str, torch.Tensor] = {}
+    with CheckpointReader(path) as reader:
+        for name, t in spec.state_from_hf(reader, cfg, shapes):
+            if name not in shapes:
+                raise RuntimeError(f"{spec.name} adapter produced {name}, which the network does not have")
+            if t.shape != shapes[name]:
+                raise UserError(f"{path}: tensor {name} has shape {tuple(t.shape)} but config.json implies "
+                                f"{tuple(shapes[name])}; config.json does not match the weights")
+            state[name] = convert(name, t)
+        extra = [n for n in reader.unused() if not n.endswith(_RECOMPUTED)]
+        if extra:
+            more = f" (and {len(extra) - 1} more)" if len(extra) > 1 else ""
+            raise UserError(f"{reader.file_of(extra[0])}: unexpected tensor {extra[0]}{more} that config.json does "
+                            "not account for; config.json does not match the weights")
+    missing = sorted(set(shapes) - set(state))
+    if missing:
+        raise RuntimeError(f"{spec.name} adapter did not produce {missing[:3]}")
+    return state
 
 
 def load_network(path: str | os.PathLike, device: str | torch.device = "cpu",
@@ -99,31 +148,7 @@ def load_network(path: str | os.PathLike, device: str | torch.device = "cpu",
     path, device = Path(path), torch.device(device)
     raw, spec = read_config(path)
     cfg = spec.config_from_hf(raw, path)
-    with torch.device("meta"):
-        net = Transformer(cfg)
-    shapes = {k: v.shape for k, v in net.state_dict().items()}
-    if cfg.tie_embeddings:
-        shapes.pop("lm_head.weight", None)
+    net, shapes = meta_network(cfg)
     _check_memory(path, estimate_bytes(cfg, shapes, dtype), device)
-    state: dict[str, torch.Tensor] = {}
-    with CheckpointReader(path) as reader:
-        for name, t in spec.state_from_hf(reader, cfg, shapes):
-            if name not in shapes:
-                raise RuntimeError(f"{spec.name} adapter produced {name}, which the network does not have")
-            if t.shape != shapes[name]:
-                raise UserError(f"{path}: tensor {name} has shape {tuple(t.shape)} but config.json implies "
-                                f"{tuple(shapes[name])}; config.json does not match the weights")
-            state[name] = _convert(name, t, device, dtype)
-        extra = [n for n in reader.unused() if not n.endswith(_RECOMPUTED)]
-        if extra:
-            more = f" (and {len(extra) - 1} more)" if len(extra) > 1 else ""
-            raise UserError(f"{reader.file_of(extra[0])}: unexpected tensor {extra[0]}{more} that config.json does "
-                            "not account for; config.json does not match the weights")
-    missing = sorted(set(shapes) - set(state))
-    if missing:
-        raise RuntimeError(f"{spec.name} adapter did not produce {missing[:3]}")
-    net.load_state_dict(state, strict=False, assign=True)
-    if cfg.tie_embeddings:
-        net.lm_head.weight = net.embed.weight
-    net.reset_rope(device)
-    return net.eval(), cfg, spec, raw
+    state = read_state(path, cfg, spec, shapes, lambda name, t: cast(name, t, dtype, device))
+    return install(net, cfg, state, device), cfg, spec, raw

@@ -47,6 +47,10 @@ class FamilySpec:
     def generation_config(self, **overrides) -> GenerationConfig:
         return GenerationConfig(**{**self.generation, **overrides})
 
+    def generation_for(self, cfg: ModelConfig) -> GenerationConfig:
+        """The decoding defaults for a model of this family: a block-causal one decodes in its own blocks."""
+        return self.generation_config(**({"block_size": cfg.block_size} if cfg.attention == "block" else {}))
+
     def chat_template(self, path: str | Path) -> str | None:
         """The chat template text shipped in the checkpoint directory, or None."""
         for name in self.chat_template_files:

@@ -17,6 +17,7 @@ from tokenizers import decoders, models, pre_tokenizers, trainers
 
 from ..fsutil import atomic_write_text
 from ..errors import UserError
+from .vocab import VocabLookup
 
 # The order is part of the on-disk format: these take ids 0..9 in every tokenizer we train, so
 # checkpoints, configs and tests may rely on the ids.
@@ -38,7 +39,7 @@ CHAT_ROLES = ("system", "user", "assistant")
 MIN_VOCAB = len(SPECIAL_TOKENS) + 256
 
 
-class Tokenizer:
+class Tokenizer(VocabLookup):
     """A thin wrapper over a HF `tokenizers` byte-level BPE with our special tokens."""
 
     def __init__(self, hf: _HFTokenizer, source: str = "<memory>"):
@@ -126,22 +127,9 @@ class Tokenizer:
             [[int(i) for i in s] for s in seqs], skip_special_tokens=skip_special
         )
 
-    def token_texts(self) -> list[str]:
-        """Each id's own text, in id order; special tokens are empty."""
-        return self.decode_batch([[i] for i in range(self.vocab_size)], skip_special=True)
-
     def same_as(self, other: "Tokenizer") -> bool:
         """Whether both tokenize identically (the same vocabulary, merges and specials)."""
         return self._tok.to_str() == other._tok.to_str()
-
-    def id_of(self, token: str) -> int:
-        i = self._tok.token_to_id(token)
-        if i is None:
-            raise KeyError(f"token {token!r} is not in the vocabulary")
-        return i
-
-    def token_of(self, i: int) -> str | None:
-        return self._tok.id_to_token(int(i))
 
     # ---- ids ----------------------------------------------------------------------------
     @property

@@ -37,6 +37,7 @@ from ..fsutil import atomic_write_text
 from .chat_template import (MARK_END, MARK_START, ChatTemplate, control_pattern, find_chat_template,
                             has_control, mark_control_tokens, plain_data, prepare_messages)
 from .hf_ids import GENERATION_FILE, NAMED_TOKENS, SIDECAR_FILES, read_json, resolve_ids
+from .vocab import VocabLookup
 
 TOKENIZER_FILE = "tokenizer.json"
 
@@ -57,7 +58,7 @@ def _read_text(path: Path) -> str:
         raise UserError(f"{path}: cannot read it ({e}); the file is corrupt, re-copy it") from None
 
 
-class HFTokenizer:
+class HFTokenizer(VocabLookup):
     """A Hugging Face fast tokenizer with the public interface of unmask's `Tokenizer`."""
 
     def __init__(self, tokenizer_json: str, *, mask_id: int, eos_id: int, pad_id: int,
@@ -205,19 +206,6 @@ class HFTokenizer:
         if skip_special:
             seqs = [[i for i in s if i not in self._skip] for s in seqs]
         return self._tok.decode_batch(seqs, skip_special_tokens=False)
-
-    def token_texts(self) -> list[str]:
-        """Each id's own text, in id order; special ids (and ids without a token) are empty."""
-        return self.decode_batch([[i] for i in range(self.vocab_size)], skip_special=True)
-
-    def id_of(self, token: str) -> int:
-        i = self._tok.token_to_id(token)
-        if i is None:
-            raise KeyError(f"token {token!r} is not in the vocabulary")
-        return i
-
-    def token_of(self, i: int) -> str | None:
-        return self._tok.id_to_token(int(i))
 
     # ---- ids ----------------------------------------------------------------------------
     @property
