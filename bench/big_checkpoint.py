@@ -5,8 +5,10 @@
 Writes (once) a random-weight checkpoint in LLaDA's Hugging Face layout (OLMo-style names, bf16,
 sharded with model.safetensors.index.json; the tokenizer of the project's tiny LLaDA checkpoint, whose
 ids fit in the big vocabulary), then loads it with `unmask.load` in a fresh process per dtype and
-reports seconds, the process's peak resident memory over its baseline (after imports), and the
-weight bytes at that dtype. A loader that held a second copy would peak near twice the weights.
+reports seconds, the process's peak resident memory over its baseline (after imports), the weight
+bytes at that dtype, and what is resident after loading, split into anonymous memory (the model's own
+tensors) and file-backed pages (the memory-mapped shards: page cache the kernel may drop at will). A
+loader that held a second private copy would show about twice the weights as anonymous memory.
 """
 from __future__ import annotations
 
@@ -73,10 +75,12 @@ t0 = time.perf_counter()
 m = unmask.load({str(path)!r}, dtype=torch.{dtype})
 t1 = time.perf_counter()
 peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+status = dict(l.split(":", 1) for l in open("/proc/self/status").read().splitlines() if ":" in l)
+anon, file = (int(status[k].split()[0]) * 1024 for k in ("RssAnon", "RssFile"))
 params = sum(p.numel() * p.element_size() for p in m.net.parameters())
 t2 = time.perf_counter(); m.logits([[1, 2, 3, 4, 5, 6, 7, 8]]); t3 = time.perf_counter()
 print(json.dumps(dict(dtype={dtype!r}, seconds=t1 - t0, peak_over_baseline=(peak - base) * 1024,
-                      weight_bytes=params, parameters=sum(p.numel() for p in m.net.parameters()),
+                      weight_bytes=params, rss_anon=anon, rss_file=file, parameters=sum(p.numel() for p in m.net.parameters()),
                       forward_8_tokens_s=t3 - t2)))
 """
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
@@ -104,7 +108,8 @@ def main() -> None:
         print(f"{dtype:>8}: {r['parameters'] / 1e9:.2f}B parameters, load {r['seconds']:.1f} s, peak RSS over "
               f"baseline {r['peak_over_baseline'] / 2**30:.2f} GiB for {r['weight_bytes'] / 2**30:.2f} GiB of "
               f"weights ({r['peak_over_baseline'] / r['weight_bytes']:.2f}x); one 8-token forward "
-              f"{r['forward_8_tokens_s']:.2f} s")
+              f"{r['forward_8_tokens_s']:.2f} s; after loading {r['rss_anon'] / 2**30:.2f} GiB anonymous + "
+              f"{r['rss_file'] / 2**30:.2f} GiB file-backed (the memory-mapped shards, page cache)")
 
 
 if __name__ == "__main__":

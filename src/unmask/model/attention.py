@@ -77,11 +77,28 @@ class Attention(nn.Module):
         if BlockMask is not None and isinstance(mask, BlockMask):
             y = _flex(q, k, v, mask, self.n_kv != self.n_heads)
         else:
-            y = F.scaled_dot_product_attention(
-                q, k, v, attn_mask=mask, is_causal=is_causal, enable_gqa=self.n_kv != self.n_heads
-            )
+            y = attend(q, k, v, mask, is_causal, self.n_kv != self.n_heads)
         y = y.transpose(1, 2).reshape(B, T, -1)
         return self.o_proj(y if packed is None else y.reshape(B * T, -1)[packed[2]])
+
+
+# Inference forwards longer than this attend in query chunks of this many rows, so a long full-attention
+# canvas (a LLaDA or Dream refresh over the whole prompt) never materialises one (T, S) score matrix
+# per head: memory O(chunk * S) instead of O(T * S). Each query row's softmax is its own, so the result
+# is the same. Training keeps one call (autograd would save every chunk anyway).
+QUERY_CHUNK = 1024
+
+
+def attend(q, k, v, mask, is_causal: bool, gqa: bool) -> torch.Tensor:
+    """Scaled dot-product attention, in query chunks for long inference forwards (QUERY_CHUNK)."""
+    T = q.shape[2]
+    if is_causal or T <= QUERY_CHUNK or torch.is_grad_enabled():
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal, enable_gqa=gqa)
+    parts = []
+    for c in range(0, T, QUERY_CHUNK):
+        m = mask if mask is None or mask.shape[-2] == 1 else mask[..., c:c + QUERY_CHUNK, :]
+        parts.append(F.scaled_dot_product_attention(q[:, :, c:c + QUERY_CHUNK], k, v, attn_mask=m, enable_gqa=gqa))
+    return torch.cat(parts, dim=2)
 
 
 def _unpack(rows: torch.Tensor, n: int, idx: torch.Tensor) -> torch.Tensor:
