@@ -221,8 +221,8 @@ def test_bad_targets_and_destinations(tok, tmp_path):
         convert(src, tmp_path / "out", to="gpt2")
     assert "'gpt2' is not supported" in _one_line(e) and "llama" in str(e.value)
     with pytest.raises(UserError) as e:
-        convert(src, tmp_path / "out.gguf", to="llama")
-    assert "convert_hf_to_gguf.py" in _one_line(e)
+        convert(src, tmp_path / "out.gguf", to="sdar")
+    assert "llama.cpp has no architecture" in _one_line(e) and not (tmp_path / "out.gguf").exists()
     (tmp_path / "notes").mkdir()
     (tmp_path / "notes" / "todo.txt").write_text("keep me")
     with pytest.raises(UserError) as e:
@@ -359,3 +359,22 @@ def test_shipped_ar_twin_in_transformers(tmp_path):
     print(f"unmask-coder-ar -> llama: transformers vs unmask max |diff| {worst:.2e} "
           f"({time.perf_counter() - start:.1f} s)")
     assert worst < TOL
+
+
+def test_convert_to_gguf_file(tok, tmp_path, capsys):
+    """DST ending in .gguf: our AR model as a llama GGUF (what llama.cpp runs), equal logits at F32,
+    q8_0-sized at Q8_0; nothing left beside it but the file."""
+    pytest.importorskip("gguf")
+    from unmask.cli import main
+
+    model = _model(tok, "causal")
+    src = _saved(model, tmp_path / "src")
+    assert main(["convert", str(src), str(tmp_path / "g" / "m-f32.gguf"), "--gguf-type", "F32"]) == 0
+    assert "GGUF, F32" in capsys.readouterr().out
+    assert [p.name for p in (tmp_path / "g").iterdir()] == ["m-f32.gguf"]
+    back = unmask.load(tmp_path / "g" / "m-f32.gguf")
+    ids = torch.tensor([tok.encode("def add(a, b):\n    return a + b\n")])
+    with torch.no_grad():
+        assert torch.allclose(back.logits(ids), unmask.load(src).logits(ids), atol=1e-5)
+    q8 = convert(src, tmp_path / "g" / "m-q8.gguf", gguf_type="Q8_0")
+    assert q8.stat().st_size < 0.4 * (tmp_path / "g" / "m-f32.gguf").stat().st_size

@@ -253,8 +253,11 @@ CONVERT_TARGETS = ("unmask", "llama", "qwen2", "qwen3", "llada", "sdar", "Dream"
 def cmd_convert(a) -> None:
     from .convert import convert
 
-    out = convert(a.src, a.dst, to=a.to, dtype=a.dtype)
-    print(f"wrote {out} ({a.to} layout, dtype {a.dtype})")
+    out = convert(a.src, a.dst, to=a.to, dtype=a.dtype, gguf_type=a.gguf_type)
+    if str(a.dst).endswith(".gguf"):
+        print(f"wrote {out} (GGUF, {a.gguf_type.upper()})")
+    else:
+        print(f"wrote {out} ({a.to} layout, dtype {a.dtype})")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -415,12 +418,16 @@ def build_parser() -> argparse.ArgumentParser:
     c = sub.add_parser("convert", help="write a model in our layout or a Hugging Face family's (llama for "
                                         "transformers and llama.cpp, llada, sdar, ...); lossless with --dtype keep")
     c.add_argument("src", help="any model unmask loads: our layout, a supported family's directory, a .gguf file")
-    c.add_argument("dst", help="the directory to write (replaced atomically if it is a model directory)")
+    c.add_argument("dst", help="the directory to write (replaced atomically if it is a model directory), or a "
+                               "file ending in .gguf for llama.cpp (llama for our AR models, see --gguf-type)")
     c.add_argument("--to", default="unmask", metavar="FAMILY",
                    help=f"target layout, a model_type: {', '.join(CONVERT_TARGETS)} (default: unmask, ours); "
                         "a model the layout cannot hold is refused, naming the feature and the layouts that can")
     c.add_argument("--dtype", choices=["bf16", "fp32", "keep"], default="keep",
                    help="storage dtype of the weights (default: keep, each tensor as stored; GGUF: float32)")
+    c.add_argument("--gguf-type", default="F16", metavar="TYPE",
+                   help="when DST ends in .gguf (a file for llama.cpp): the tensor type, F32, F16 (default), BF16, "
+                        "Q8_0, Q4_0, Q4_1, Q5_0 or Q5_1")
     c.set_defaults(func=cmd_convert)
     return p
 

@@ -47,14 +47,35 @@ def _hf_generation(tok, cfg: ModelConfig, gen: GenerationConfig) -> dict:
 
 
 def _check_dst(dst: Path, src: Path) -> None:
-    if dst.suffix == ".gguf":
-        raise UserError(f"{dst}: unmask convert writes checkpoint directories; for GGUF convert to llama (or qwen2, "
-                        "qwen3) and run llama.cpp's convert_hf_to_gguf.py on that directory")
     if dst.exists() and not dst.is_dir():
         raise UserError(f"{dst}: exists and is not a directory; pick another destination")
     if dst.is_dir() and any(dst.iterdir()) and not (dst / "config.json").is_file() \
             and dst.resolve() != src.resolve():
         raise UserError(f"{dst}: exists and is not a model directory; it would be replaced, pick another destination")
+
+
+# Our causal models go to llama.cpp as llama; a family's own layout where llama.cpp has its architecture.
+GGUF_LAYOUTS = ("llama", "qwen2", "qwen3", "llada", "Dream")
+
+
+def convert_gguf(src: Path, out: Path, to: str, gguf_type: str, warn: Callable[[str], None]) -> Path:
+    """`src` as one GGUF file at `out`: converted to the Hugging Face layout `to` in a temporary
+    directory (our AR models: `llama` when `to` is ours), then written by the gguf package
+    (families/gguf/write.py, laid out as llama.cpp's converter does). Atomic, like every convert."""
+    import tempfile
+
+    from ..families.gguf import write_gguf
+
+    if out.exists() and not out.is_file():
+        raise UserError(f"{out}: exists and is not a file; pick another destination")
+    if to == UNMASK:
+        to = "llama"
+    if to not in GGUF_LAYOUTS:
+        raise UserError(f"--to {to}: llama.cpp has no architecture for it; a GGUF can hold: {', '.join(GGUF_LAYOUTS)}")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=out.parent, prefix=f".{out.name}.") as tmp:
+        hf = convert(src, Path(tmp) / "hf", to=to, dtype="fp32", warn=warn)
+        return write_gguf(hf, out, gguf_type)
 
 
 def _main_dtype(state: dict[str, torch.Tensor]) -> str:
@@ -66,17 +87,22 @@ def _main_dtype(state: dict[str, torch.Tensor]) -> str:
 
 
 def convert(src: str | os.PathLike, dst: str | os.PathLike, to: str = UNMASK, dtype: str = "keep",
-            warn: Callable[[str], None] = _stderr) -> Path:
+            warn: Callable[[str], None] = _stderr, gguf_type: str = "F16") -> Path:
     """Write the model at `src` into `dst` in the layout of model_type `to` (module docstring); tensors
     as stored (`dtype` "keep") or as "bf16" / "fp32". Returns `dst`. A model `to` cannot hold, and any
-    other user error, is a one-line UserError; exact rewrites are reported through `warn`."""
+    other user error, is a one-line UserError; exact rewrites are reported through `warn`.
+
+    A `dst` ending in .gguf is a GGUF file for llama.cpp, its tensors in `gguf_type` (F32, F16, BF16,
+    Q8_0, ...): see convert_gguf."""
     from .. import families
     from ..pretrained import _write_shards
 
+    src_path, out = Path(src), Path(dst)
+    if out.suffix == ".gguf":
+        return convert_gguf(src_path, out, to, gguf_type, warn)
     if dtype not in DTYPES:
         raise UserError(f"--dtype {dtype!r}: use one of {', '.join(DTYPES)}")
     spec = families.get(to)
-    src_path, out = Path(src), Path(dst)
     _check_dst(out, src_path)
     source = open_source(src_path)
     with staged_dir(out) as tmp:

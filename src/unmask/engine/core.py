@@ -77,9 +77,11 @@ class EngineCore:
         self.net = model.net
         if quantize is None and cpu_linear.applies(self.net):
             self.net = cpu_linear.cpu_linears(self.net)
-        if compile:
-            # Measured on the 2-core CPU (AR twin, batch 1): 9x slower than eager, because ragged
-            # batch and cache shapes keep recompiling. It needs static shape buckets to pay off.
+        # compile on a CPU: decode steps padded to static buckets, each compiled once (cpu_compile.py).
+        # Elsewhere (or without a cache to bucket) the whole net under torch.compile, as before; that
+        # measured 9x slower than eager on the CPU (ragged shapes keep recompiling).
+        cpu_steps = compile and plan.uses_cache and plan.decode_window > 0 and model.device.type == "cpu"
+        if compile and not cpu_steps:
             self.net = torch.compile(self.net, dynamic=True)
         self.mask_id, self.eos_id = cfg.mask_token_id, cfg.eos_token_id
         self.max_batch = max_batch
@@ -98,6 +100,9 @@ class EngineCore:
         # Decode steps padded to static shape buckets, replayed as CUDA graphs on a CUDA model. On CPU
         # the same padded path runs eagerly: identical tokens, no speed-up (it exists to be tested).
         graphs = GraphedForward(self.net, cache_obj, cfg, self.max_rows, plan.decode_window) if cuda_graphs else None
+        if cpu_steps:
+            from .cpu_compile import CompiledForward
+            graphs = CompiledForward(model.net, cache_obj, cfg, self.max_rows, plan.decode_window)
         self.runner = ModelRunner(self.net, cache_obj, cfg, plan, graphs)
         self.scheduler = Scheduler(max_batch, cache_obj, plan)
         self._requests: dict[str, Request] = {}

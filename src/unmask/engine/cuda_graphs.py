@@ -109,6 +109,10 @@ class GraphedForward:
     def accepts(self, T: int) -> bool:
         return T <= self.limit
 
+    def window_bucket(self, T: int) -> int:
+        """The padded window length of a step whose longest window is T (here: T itself)."""
+        return T
+
     def buckets(self, B: int, S: int) -> tuple[int, int]:
         return batch_bucket(B, self.max_batch), key_bucket(S, self.key_multiple, self.cfg.max_seq_len)
 

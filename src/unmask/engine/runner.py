@@ -61,19 +61,21 @@ class ModelRunner:
         g = self.graphs
         if g is not None and self.cache is not None and g.accepts(T):
             rows, S = g.buckets(B, max(w.key_end for w in windows))
-            x, valid = self.build(canvases, windows, tables, rows=rows, A=T, S=S, pack=False, scratch=scratch)
+            T = g.window_bucket(T)
+            x, valid = self.build(canvases, windows, tables, rows=rows, T=T, A=T, S=S, pack=False, scratch=scratch)
             return g(x)[:B, :A], valid[:B, :A]
         x, valid = self.build(canvases, windows, tables, scratch=scratch)
         return run_net(self.net, self.cache, x.to(self.device)), valid
 
     def build(self, canvases: list[torch.Tensor], windows: list[Window], tables: list[list[int]], *,
-              rows: int | None = None, A: int | None = None, S: int | None = None,
+              rows: int | None = None, T: int | None = None, A: int | None = None, S: int | None = None,
               pack: bool | None = None, scratch: list[int | None] | None = None) -> tuple[StepInputs, torch.Tensor]:
         """The forward's host inputs and valid (rows, A). rows/A/S pad the batch, the logit positions
-        and the keys beyond what the windows need (padded rows write to scratch page 0 and see key 0)."""
+        the window length and the keys beyond what the windows need (padded rows and positions write to
+        scratch page 0 and see key 0)."""
         B = len(windows)
         rows = rows or B
-        T = max(w.end - w.start for w in windows)
+        T = max(T or 0, max(w.end - w.start for w in windows))
         A = A or max(w.hi - w.lo for w in windows)
         ids = torch.zeros(rows, T, dtype=torch.long)
         shift = self.cfg.token_shift

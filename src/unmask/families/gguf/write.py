@@ -115,6 +115,9 @@ def write_gguf(src: str | os.PathLike, out: str | os.PathLike, qtype: str = "F16
         w.write_kv_data_to_file()
         w.write_tensors_to_file()
         w.close()
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp's 0600 is for the temporary name, not the result
         os.replace(tmp, out)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
