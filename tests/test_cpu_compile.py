@@ -3,6 +3,8 @@ to static (rows, window) buckets and runs each through one torch.compile'd step 
 shape is the key length. Checked token for token against the eager engine, batched and alone."""
 from __future__ import annotations
 
+import shutil
+
 import pytest
 import torch
 
@@ -10,7 +12,9 @@ from conftest import random_pretrained
 from unmask.engine import Engine, SamplingParams
 from unmask.engine.cpu_compile import CompiledForward
 
-pytestmark = pytest.mark.timeout(600)
+pytestmark = [pytest.mark.timeout(600),
+              pytest.mark.skipif(not (shutil.which("c++") or shutil.which("g++")),
+                                 reason="Inductor's CPU backend needs a C++ compiler")]
 
 
 @pytest.fixture(autouse=True)
