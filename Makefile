@@ -8,7 +8,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 TORCH := torch==2.13.0
 
-.PHONY: demo test serve bench venv clean
+.PHONY: demo test serve bench bench-llamacpp venv clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -44,6 +44,15 @@ serve: $(STAMP)
 bench: $(STAMP)
 	mkdir -p bench/results
 	set -o pipefail; $(BIN)/unmask bench --json bench/results/bench.json | tee bench/results/bench.txt
+
+# unmask beside llama.cpp (bench/llamacpp.py). LLAMA_CPP=DIR names a build with llama-server and
+# llama-bench in it; without it, llama.cpp is built once from the llama-cpp-python sdist under
+# runs/llamacpp (about 13 minutes on 2 cores).
+LLAMA_CPP ?=
+bench-llamacpp: $(STAMP)
+	mkdir -p bench/results
+	set -o pipefail; $(BIN)/python bench/llamacpp.py $(if $(LLAMA_CPP),--llama-cpp $(LLAMA_CPP),--build runs/llamacpp) \
+		--work runs/llamacpp/work --json bench/results/llamacpp.json | tee bench/results/llamacpp.txt
 
 clean:
 	rm -rf $(VENV) build *.egg-info src/*.egg-info
