@@ -19,7 +19,7 @@ from unmask.eval import (
     syntax_valid,
     truncate_completion,
 )
-from unmask.eval.code_quality import first_line, levenshtein
+from unmask.eval.code_quality import first_line, first_nonblank_line, levenshtein
 from unmask.eval.humaneval import check_program, score_bodies, spread
 from unmask.eval.line_completion import score_lines
 
@@ -200,3 +200,12 @@ def test_an_empty_body_is_not_a_syntax_valid_body():
     res = score_bodies([prob, prob], ["\n\n", "    return x\n"], timeout=5, workers=1)
     assert [p["syntax_valid"] for p in res["problems"]] == [False, True]
     assert [p["passed"] for p in res["problems"]] == [False, True]
+
+
+def test_first_nonblank_line_is_the_infilled_line():
+    """An infill prefix that ends in a blank line (or a trailing space) makes the model write a line
+    break first; the line it then writes is the answer, not the empty string before it."""
+    assert first_nonblank_line("\n    return x\n    y") == "    return x"
+    assert first_nonblank_line("    return x\n") == "    return x"
+    assert first_nonblank_line("\n  \n\tz") == "\tz"
+    assert first_nonblank_line("") == first_nonblank_line("\n \n") == ""

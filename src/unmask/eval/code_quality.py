@@ -29,6 +29,13 @@ def first_line(text: str) -> str:
     return text.split("\n", 1)[0]
 
 
+def first_nonblank_line(text: str) -> str:
+    """The first line of `text` holding anything but whitespace ("" if none). An infilled line whose
+    prefix ends at a line start: a model that writes a line break first (the prompt's blank line above,
+    or a trailing space before its newline, is one it was not trained to repeat) still wrote the line."""
+    return next((ln for ln in text.split("\n") if ln.strip()), "")
+
+
 def syntax_valid(code: str) -> bool:
     """Does `code` parse as Python? (ast.parse only: nothing is executed.)"""
     try:

@@ -18,7 +18,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from ..errors import UserError
-from .code_quality import exact_match, first_line, mean, syntax_valid, truncate_completion
+from .code_quality import exact_match, first_line, first_nonblank_line, mean, syntax_valid, truncate_completion
 from .execution import DEFAULT_TIMEOUT, DEFAULT_WORKERS, run_programs
 from .generate import Batch, Decoding, Task, run_tasks
 
@@ -114,9 +114,13 @@ def evaluate_infill(model, decoding: Decoding, *, problems: Sequence[dict] | Non
     problems = list(problems) if problems is not None else load_problems(limit)
     by_id = {p["task_id"]: p for p in problems}
     cases = infill_cases(problems, max_lines_per_problem)
+    # Every prefix ends at a line start, so every prompt is healed (run_tasks) and stop strings would
+    # only be applied afterwards: the line is cut here instead, as the first non-blank one. 89 of the
+    # 1033 prefixes end in a blank line or a trailing space; the models go straight to the next line,
+    # and cutting at the first newline scored those tasks unpassable for every model.
     batch = run_tasks(model, [Task(c.prefix, suffix=c.suffix) for c in cases], decoding, max_tokens=max_tokens,
-                      concurrency=concurrency, stop=["\n"], progress=progress)
-    filled = [first_line(c.text) for c in batch.completions]
+                      concurrency=concurrency, progress=progress)
+    filled = [first_nonblank_line(c.text) for c in batch.completions]
     programs = [f"{splice(c, f)}\n\n\n{by_id[c.task_id]['test']}\n\ncheck({by_id[c.task_id]['entry_point']})\n"
                 for c, f in zip(cases, filled)]
     results = run_programs(programs, timeout, workers)
