@@ -17,26 +17,20 @@ matmul already does).
 from __future__ import annotations
 
 import torch
+import torch._dynamo
 from torch.library import custom_op
 
 from .cuda_graphs import GraphedForward, StepInputs
-from .kv_cache import PagedKVCache
+from .kv_cache import PagedKVCache, write_and_gather
 
 
 @custom_op("unmask::paged_kv", mutates_args=("pool_k", "pool_v"))
 def paged_kv(pool_k: torch.Tensor, pool_v: torch.Tensor, layer: int, k: torch.Tensor, v: torch.Tensor,
              write: torch.Tensor, read: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """BatchKV.update as one op: write k/v (B, H, T, D) to pool rows `write` (B*T,), then gather the
-    rows `read` (B, S) -> keys, values (B, H, S, D)."""
-    B, H, T, D = k.shape
-    pk, pv = pool_k[layer], pool_v[layer]
-    pk.index_copy_(0, write, k.transpose(1, 2).reshape(B * T, H, D).to(pk.dtype))
-    pv.index_copy_(0, write, v.transpose(1, 2).reshape(B * T, H, D).to(pv.dtype))
-    S = read.shape[1]
-    flat = read.flatten()
-    keys = pk.index_select(0, flat).view(B, S, H, D).transpose(1, 2).to(k.dtype).contiguous()
-    values = pv.index_select(0, flat).view(B, S, H, D).transpose(1, 2).to(v.dtype).contiguous()
-    return keys, values
+    """BatchKV.update as one op (kv_cache.write_and_gather on layer `layer`); its outputs are
+    contiguous, as a custom op's outputs may not be views."""
+    keys, values = write_and_gather(pool_k[layer], pool_v[layer], write, read, k, v)
+    return keys.contiguous(), values.contiguous()
 
 
 @paged_kv.register_fake
@@ -79,8 +73,6 @@ class CompiledForward(GraphedForward):
         return min(1 << (T - 1).bit_length(), max(self.limit, T))
 
     def __call__(self, x: StepInputs) -> torch.Tensor:
-        import torch._dynamo
-
         B, T = x.ids.shape
         fn = self.fns.get((B, T))
         if fn is None:
@@ -94,4 +86,3 @@ class CompiledForward(GraphedForward):
             out = fn(self.net, self.cache, x.ids, x.pos, x.prev, x.gap, x.mask, x.write.flatten(), x.read, x.at)
         self.replays += 1
         return out
-

@@ -76,13 +76,21 @@ class BatchKV:
         self.flat_read = read.flatten()
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor):
-        B, H, T, D = k.shape
-        pk, pv = self.cache.k[layer], self.cache.v[layer]
-        pk.index_copy_(0, self.write, k.transpose(1, 2).reshape(B * T, H, D).to(pk.dtype))
-        pv.index_copy_(0, self.write, v.transpose(1, 2).reshape(B * T, H, D).to(pv.dtype))
-        # index_select, not pk[self.read]: the gather of every row's history is the largest cost of a
-        # 16-row step after the matmuls, and advanced indexing measured 2-3x slower on CPU.
-        S = self.read.shape[1]
-        keys = pk.index_select(0, self.flat_read).view(B, S, H, D).transpose(1, 2).to(k.dtype)  # (B, H, S, D)
-        values = pv.index_select(0, self.flat_read).view(B, S, H, D).transpose(1, 2).to(v.dtype)
-        return keys, values
+        return write_and_gather(self.cache.k[layer], self.cache.v[layer], self.write, self.read, k, v,
+                                self.flat_read)
+
+
+def write_and_gather(pk: torch.Tensor, pv: torch.Tensor, write: torch.Tensor, read: torch.Tensor,
+                     k: torch.Tensor, v: torch.Tensor, flat_read: torch.Tensor | None = None):
+    """Write k/v (B, H, T, D) to one layer's pool rows `write` (B*T,), then gather the rows `read`
+    (B, S): keys, values (B, H, S, D). flat_read: read.flatten(), when the caller already has it."""
+    B, H, T, D = k.shape
+    pk.index_copy_(0, write, k.transpose(1, 2).reshape(B * T, H, D).to(pk.dtype))
+    pv.index_copy_(0, write, v.transpose(1, 2).reshape(B * T, H, D).to(pv.dtype))
+    # index_select, not pk[read]: the gather of every row's history is the largest cost of a 16-row
+    # step after the matmuls, and advanced indexing measured 2-3x slower on CPU.
+    S = read.shape[1]
+    flat = read.flatten() if flat_read is None else flat_read
+    keys = pk.index_select(0, flat).view(B, S, H, D).transpose(1, 2).to(k.dtype)
+    values = pv.index_select(0, flat).view(B, S, H, D).transpose(1, 2).to(v.dtype)
+    return keys, values
