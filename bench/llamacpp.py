@@ -13,11 +13,15 @@ What it does, in order:
 3. Starts one `llama-server` per GGUF (127.0.0.1, `--threads`, one slot) and checks that its greedy
    tokens equal unmask's AR twin at fp32 on every prompt (the same prompt token ids go to every
    system; no prompt cache on either side).
+   Rows for unmask's own llama.cpp backend (Engine(backend="llama.cpp"), `--backend-weights`, default
+   f32 and q8_0: the same dLLM and AR twin, the forward on llama.cpp's library through
+   llama-cpp-python) have their greedy tokens checked against the same model on torch at fp32.
 4. Times, at batch 1, every system on the same HumanEval prompts (spread over the 164), `--tokens`
    completion tokens each (or fewer at EOS), greedy, in `--rounds` interleaved rounds (the order
    reversed every other round): tok/s = completion tokens / wall seconds of the whole requests
    (prefill included, over HTTP for llama.cpp, in-process for unmask), and TPF.
-5. `--concurrency N`: unmask's dLLM and AR twin with N requests in flight (aggregate tok/s).
+5. `--concurrency N`: unmask's dLLM and AR twin with N requests in flight (aggregate tok/s), on
+   torch at fp32 and on the llama.cpp backend at q8_0.
 6. `llama-bench -n 128 -p 0` (tg128) per GGUF, llama.cpp's own kernel-only figure.
 """
 from __future__ import annotations
@@ -127,8 +131,8 @@ class Server:
 
 # ---- the systems ----------------------------------------------------------------------------------
 class UnmaskSystem:
-    def __init__(self, model, quantize: str | None, max_batch: int):
-        self.engine = unmask.Engine(model, max_batch=max_batch, quantize=quantize)
+    def __init__(self, model, quantize: str | None, max_batch: int, backend: str = "torch"):
+        self.engine = unmask.Engine(model, max_batch=max_batch, quantize=quantize, backend=backend)
 
     def run(self, prompts: list[list[int]], n: int) -> tuple[list[list[int]], float, int]:
         """All prompts at once (the engine batches them up to max_batch); (tokens, seconds, nfe)."""
@@ -167,6 +171,9 @@ def main():
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--concurrency", type=int, default=16, help="0: skip the concurrent rows")
     ap.add_argument("--quantize", nargs="*", default=["int8wo"], help="extra unmask weight formats to time")
+    ap.add_argument("--backend-weights", nargs="*", default=["f32", "q8_0"],
+                    help="weights of the rows on unmask's llama.cpp backend (none: skip those rows; skipped too "
+                         "where llama-cpp-python is not installed)")
     ap.add_argument("--no-llama-bench", action="store_true")
     ap.add_argument("--json", type=Path)
     a = ap.parse_args()
@@ -193,6 +200,13 @@ def main():
     for q in a.quantize:
         systems[f"unmask dLLM {q}"] = UnmaskSystem(dllm, q, 1)
         systems[f"unmask AR {q}"] = UnmaskSystem(ar, q, 1)
+    from unmask.engine.llamacpp import available
+    backend_weights = a.backend_weights if available() else []
+    if a.backend_weights and not backend_weights:
+        log("llama-cpp-python is not installed: no rows for unmask's llama.cpp backend (make venv installs it)")
+    for w in backend_weights:
+        systems[f"unmask dLLM llama.cpp {w}"] = UnmaskSystem(dllm, w, 1, "llama.cpp")
+        systems[f"unmask AR llama.cpp {w}"] = UnmaskSystem(ar, w, 1, "llama.cpp")
     servers = {f"llama.cpp AR {q.lower()}": Server(bin_dir, g, a.threads, ctx, a.work / f"server-{q.lower()}.log")
                for q, g in ggufs.items()}
     try:
@@ -206,7 +220,15 @@ def main():
                      for t, r in zip(toks, ref)]
             equal[name] = {"prompts_equal": sum(same), "prompts": len(prompts), "first_difference": first}
             log(f"{name}: greedy tokens equal to unmask AR fp32 on {sum(same)}/{len(prompts)} prompts")
-        for s in systems.values():
+        dref, _, _ = systems["unmask dLLM fp32"].run(prompts, a.tokens)
+        for name, s in systems.items():
+            if "llama.cpp" in name:  # the backend's greedy tokens against the same model on torch at fp32
+                toks, _, _ = s.run(prompts, a.tokens)
+                r = dref if "dLLM" in name else ref
+                same = sum(t == x for t, x in zip(toks, r))
+                equal[name] = {"prompts_equal": same, "prompts": len(prompts),
+                               "against": "unmask dLLM fp32" if "dLLM" in name else "unmask AR fp32"}
+                log(f"{name}: greedy tokens equal to {equal[name]['against']} on {same}/{len(prompts)} prompts")
             s.run(prompts[:1], 16)
         rows = {name: {"tokens": 0, "seconds": 0.0, "nfe": 0} for name in [*systems, *servers]}
         order = list(rows)
@@ -238,8 +260,11 @@ def main():
     if a.concurrency:
         conc = {}
         many = (prompts * -(-a.concurrency // len(prompts)))[:a.concurrency]
-        for name in ("unmask dLLM fp32", "unmask AR fp32"):
-            s = UnmaskSystem(dllm if "dLLM" in name else ar, None, a.concurrency)
+        names = [("unmask dLLM fp32", None, "torch"), ("unmask AR fp32", None, "torch")]
+        if "q8_0" in backend_weights:
+            names += [("unmask dLLM llama.cpp q8_0", "q8_0", "llama.cpp"), ("unmask AR llama.cpp q8_0", "q8_0", "llama.cpp")]
+        for name, q, backend in names:
+            s = UnmaskSystem(dllm if "dLLM" in name else ar, q, a.concurrency, backend)
             s.run(many[:2], 16)
             toks, dt, nfe = s.run(many, a.tokens)
             n = sum(len(t) for t in toks)
@@ -268,16 +293,22 @@ def report(res: dict) -> None:
     print(f"{'system':24s} {'tok/s':>8s} {'TPF':>6s} {'x fastest llama.cpp':>20s}")
     for k, v in b1.items():
         print(f"{k:24s} {v['tok_s']:8.1f} {v['tpf']:6.2f} {v['tok_s'] / fastest[0]:20.2f}")
-    for q in ("fp32", "int8wo"):
-        lc = {"fp32": "llama.cpp AR f32", "int8wo": "llama.cpp AR q8_0"}[q]
-        if f"unmask AR {q}" in b1 and lc in b1:
-            print(f"unmask AR {q} / {lc}: x{b1[f'unmask AR {q}']['tok_s'] / b1[lc]['tok_s']:.2f}")
+    pairs = [("unmask AR fp32", "llama.cpp AR f32"), ("unmask AR int8wo", "llama.cpp AR q8_0")]
+    pairs += [(f"unmask AR llama.cpp {w}", f"llama.cpp AR {w}") for w in ("f32", "f16", "q8_0")]
+    for ours, theirs in pairs:
+        if ours in b1 and theirs in b1:
+            print(f"{ours} / {theirs}: x{b1[ours]['tok_s'] / b1[theirs]['tok_s']:.2f}")
     for k, v in res.get("equal", {}).items():
-        print(f"{k}: greedy tokens equal to unmask AR fp32 on {v['prompts_equal']}/{v['prompts']} prompts")
+        print(f"{k}: greedy tokens equal to {v.get('against', 'unmask AR fp32')} on {v['prompts_equal']}/{v['prompts']} "
+              f"prompts")
     for key in [k for k in res if k.startswith("concurrent")]:
         c = res[key]
-        print(f"{key}: " + ", ".join(f"{k} {v['tok_s']:.1f} tok/s (TPF {v['tpf']:.2f})" for k, v in c.items())
-              + f"; dLLM / AR x{c['unmask dLLM fp32']['tok_s'] / c['unmask AR fp32']['tok_s']:.2f}")
+        line = ", ".join(f"{k} {v['tok_s']:.1f} tok/s (TPF {v['tpf']:.2f})" for k, v in c.items())
+        for tag in ("fp32", "llama.cpp q8_0"):
+            d, r = c.get(f"unmask dLLM {tag}"), c.get(f"unmask AR {tag}")
+            if d and r:
+                line += f"; dLLM / AR ({tag}) x{d['tok_s'] / r['tok_s']:.2f}"
+        print(f"{key}: {line}")
     if "llama_bench_tg128" in res:
         print("llama-bench tg128 tok/s: " + ", ".join(f"{k} {v:.1f}" for k, v in res["llama_bench_tg128"].items() if v))
 

@@ -13,8 +13,12 @@ from .errors import UserError
 # engine/quantize.py's MODES, spelled out so that `unmask --help` does not import torch (a test keeps
 # the two equal).
 QUANT_MODES = ("int8", "int8wo", "bf16")
+LLAMA_WEIGHTS = ("f32", "f16", "q8_0")  # engine/core.py's LLAMA_WEIGHTS: the llama.cpp backend's weights
 QUANT_HELP = ("quantize weights: int8wo (int8 weights, fastest on CPUs without int8 dot products), "
-              "int8 (int8 weights and activations, for VNNI/AMX CPUs), bf16 (CUDA)")
+              "int8 (int8 weights and activations, for VNNI/AMX CPUs), bf16 (CUDA); with --backend llama.cpp: "
+              "f32 (default), f16 or q8_0")
+BACKEND_HELP = ("what runs the forward: torch (default), or llama.cpp (CPU; block-causal and causal models; needs "
+                "the llama-cpp-python package, which `make venv` installs)")
 FALLBACK_HELP = ("what a step commits when the policy picks no position (not topk): the one it ranks first (best) "
                  "or the leftmost masked one (leftmost); default: the model's")
 LOOKAHEAD_HELP = ("block models: do not run the next block's first step on a guess in a block's last step "
@@ -91,7 +95,8 @@ def cmd_generate(a) -> None:
     else:
         from .engine import Engine, SamplingParams
 
-        engine = Engine(model, max_batch=1, quantize=a.quantize, cache=a.cache, lookahead=a.lookahead)
+        engine = Engine(model, max_batch=1, quantize=a.quantize, cache=a.cache, lookahead=a.lookahead,
+                        backend=a.backend)
         params = SamplingParams(max_tokens=a.max_tokens, temperature=a.temperature, top_p=a.top_p, policy=a.policy,
                                 threshold=a.threshold, fallback=a.fallback, steps=a.steps, block_size=a.block_size,
                                 seed=a.seed, suffix=a.suffix, stop=a.stop, heal=a.heal)
@@ -121,7 +126,7 @@ def cmd_serve(a) -> None:
     cfg = ServerConfig(api_key=a.api_key, max_batch=a.max_batch, max_queue=a.max_queue, request_timeout=a.timeout,
                        max_body_bytes=a.max_body_bytes, max_tokens_limit=a.max_tokens_limit)
     serve(a.model, a.host, a.port, cfg=cfg,
-          engine_options=dict(quantize=a.quantize, cache=a.cache, lookahead=a.lookahead),
+          engine_options=dict(quantize=a.quantize, cache=a.cache, lookahead=a.lookahead, backend=a.backend),
           device=a.device)
 
 
@@ -168,8 +173,10 @@ def _eval_setup(a):
         raise UserError("--fallback applies to the engine's policies; drop --reference or --fallback")
     if not a.lookahead and a.reference:
         raise UserError("--no-lookahead applies to the engine; drop --reference or --no-lookahead")
+    if a.backend != "torch" and a.reference:
+        raise UserError("--backend applies to the engine; drop --reference or --backend")
     return model, Decoding(a.eval_command, sampler, policy, a.threshold, steps_ratio, quantize=a.quantize,
-                           fallback=a.fallback, lookahead=a.lookahead)
+                           fallback=a.fallback, lookahead=a.lookahead, backend=a.backend)
 
 
 def _eval_report(a, res: dict, summary: str, per_key: str) -> None:
@@ -331,7 +338,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--no-heal", dest="heal", action="store_false",
                    help="send a prompt that ends in a newline (plus indentation) as it is; by default that "
                         "whitespace is taken off and the model rewrites it (prompt healing)")
-    g.add_argument("--quantize", choices=QUANT_MODES, default=None, help=QUANT_HELP)
+    g.add_argument("--quantize", choices=QUANT_MODES + LLAMA_WEIGHTS, default=None, help=QUANT_HELP)
+    g.add_argument("--backend", default="torch", choices=("torch", "llama.cpp"), help=BACKEND_HELP)
     g.add_argument("--cache", default="auto", help="KV cache: auto, exact, prefix, dual or none")
     g.add_argument("--no-lookahead", dest="lookahead", action="store_false", help=LOOKAHEAD_HELP)
     g.add_argument("--reference", action="store_true", help="use the slow reference sampler instead of the engine")
@@ -349,7 +357,8 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--timeout", type=float, default=300.0, help="seconds a request may take")
     sv.add_argument("--max-body-bytes", type=_positive_int, default=1 << 20)
     sv.add_argument("--max-tokens-limit", type=_positive_int, default=None, help="cap on max_tokens (default: context)")
-    sv.add_argument("--quantize", choices=QUANT_MODES, default=None, help=QUANT_HELP)
+    sv.add_argument("--quantize", choices=QUANT_MODES + LLAMA_WEIGHTS, default=None, help=QUANT_HELP)
+    sv.add_argument("--backend", default="torch", choices=("torch", "llama.cpp"), help=BACKEND_HELP)
     sv.add_argument("--cache", default="auto", help="KV cache: auto, exact, prefix, dual or none")
     sv.add_argument("--no-lookahead", dest="lookahead", action="store_false", help=LOOKAHEAD_HELP)
     sv.add_argument("--device", default="auto", help="cpu, cuda, cuda:N, or auto (CUDA when available)")
@@ -364,7 +373,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--batch", type=_positive_int, default=8)
     e.add_argument("--batches", type=_positive_int, default=16)
     e.add_argument("--seed", type=int, default=0)
-    e.add_argument("--quantize", choices=QUANT_MODES, default=None, help=QUANT_HELP)
+    e.add_argument("--quantize", choices=QUANT_MODES, default=None,
+                   help="quantize weights: int8wo, int8 or bf16 (PyTorch; this evaluation does not use the engine)")
     e.add_argument("--json", action="store_true")
     e.set_defaults(func=cmd_eval_bpb)
 
@@ -378,7 +388,8 @@ def build_parser() -> argparse.ArgumentParser:
         q.add_argument("--steps", type=_positive_int, default=None, help="topk: total diffusion steps")
         q.add_argument("--batch", type=_positive_int, default=batch, help=f"requests in flight (default {batch})")
         q.add_argument("--reference", action="store_true", help="use the slow reference sampler (one at a time)")
-        q.add_argument("--quantize", choices=QUANT_MODES, default=None, help=QUANT_HELP)
+        q.add_argument("--quantize", choices=QUANT_MODES + LLAMA_WEIGHTS, default=None, help=QUANT_HELP)
+        q.add_argument("--backend", default="torch", choices=("torch", "llama.cpp"), help=BACKEND_HELP)
         q.add_argument("--no-lookahead", dest="lookahead", action="store_false", help=LOOKAHEAD_HELP)
         q.add_argument("--threads", type=_positive_int, default=None, help="torch threads (default: torch's)")
         q.add_argument("--timeout", type=float, default=5.0, help="seconds per test program (default 5)")

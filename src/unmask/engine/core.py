@@ -42,6 +42,20 @@ def default_kv_budget(cfg, max_batch: int, dtype: torch.dtype, device) -> int:
     return max(cfg.max_seq_len, min(want, free // 2 // per_token))
 
 
+BACKENDS = ("torch", "llama.cpp")
+LLAMA_WEIGHTS = ("f32", "f16", "q8_0")  # the llama.cpp backend's `quantize` values (None: f32)
+
+
+def _check_llama_options(model, quantize, compile, cuda_graphs) -> None:
+    if quantize is not None and quantize not in LLAMA_WEIGHTS:
+        raise UserError(f"quantize={quantize!r} does not apply to backend 'llama.cpp'; its weights are one of "
+                        f"{', '.join(LLAMA_WEIGHTS)}")
+    if compile or cuda_graphs:
+        raise UserError("backend 'llama.cpp' runs its own kernels: drop compile / cuda_graphs")
+    if model.device.type != "cpu":
+        raise UserError(f"backend 'llama.cpp' runs on the CPU; the model is on {model.device}")
+
+
 @dataclass
 class TokenEvent:
     """What one step did to one request: the canvas positions it committed (relative to the
@@ -55,7 +69,8 @@ class TokenEvent:
 class EngineCore:
     def __init__(self, model, *, max_batch: int = 16, kv_budget_tokens: int | None = None, cache: str = "auto",
                  refresh_interval: int | None = None, quantize: str | None = None, compile: bool = False,
-                 cuda_graphs: bool = False, lookahead: bool = True, prefill_chunk: int | None = 2048):
+                 cuda_graphs: bool = False, lookahead: bool = True, prefill_chunk: int | None = 2048,
+                 backend: str = "torch"):
         self.model = model
         cfg = model.config
         if max_batch < 1:
@@ -70,12 +85,21 @@ class EngineCore:
                             "use cache='auto' or 'exact'")
         if cuda_graphs and compile:
             raise UserError("cuda_graphs and compile do not combine; choose one")
-        if quantize is not None:
+        if backend not in BACKENDS:
+            raise UserError(f"backend {backend!r}: choose one of {', '.join(BACKENDS)}")
+        self.backend = backend
+        llama = backend == "llama.cpp"
+        if llama:
+            _check_llama_options(model, quantize, compile, cuda_graphs)
+        elif quantize in LLAMA_WEIGHTS:
+            raise UserError(f"quantize={quantize!r} is a llama.cpp weight type; use it with backend='llama.cpp', "
+                            f"or quantize='int8wo' on the torch backend")
+        if quantize is not None and not llama:
             from .quantize import quantize_model
             model = quantize_model(model, quantize)
             self.model = model
         self.net = model.net
-        if quantize is None and cpu_linear.applies(self.net):
+        if quantize is None and not llama and cpu_linear.applies(self.net):
             self.net = cpu_linear.cpu_linears(self.net)
         # compile on a CPU: decode steps padded to static buckets, each compiled once (cpu_compile.py).
         # Elsewhere (or without a cache to bucket) the whole net under torch.compile, as before; that
@@ -95,8 +119,19 @@ class EngineCore:
             dtype = next(model.net.parameters()).dtype
             dtype = dtype if dtype.is_floating_point else torch.float32
             budget = kv_budget_tokens or default_kv_budget(cfg, max_batch, dtype, model.device)
-            cache_obj = PagedKVCache(cfg.n_layers, cfg.kv_heads, cfg.head_dim, budget, page, model.device, dtype)
+            cache_obj = PagedKVCache(cfg.n_layers, cfg.kv_heads, cfg.head_dim, budget, page, model.device, dtype,
+                                     storage=not llama)
         self.cache = cache_obj
+        if llama:
+            from .llamacpp.runner import LlamaCppRunner
+            if cache_obj is None:
+                raise UserError(f"backend 'llama.cpp' needs the exact KV cache; cache={cache!r} has none")
+            self.runner = LlamaCppRunner(model.net, cfg, plan, weights=quantize or "f32", max_rows=self.max_rows,
+                                         kv_tokens=cache_obj.capacity_tokens)
+            self.scheduler = Scheduler(max_batch, cache_obj, plan, on_release=self.runner.release)
+            self._requests: dict[str, Request] = {}
+            self.steps = 0
+            return
         # Decode steps padded to static shape buckets, replayed as CUDA graphs on a CUDA model. On CPU
         # the same padded path runs eagerly: identical tokens, no speed-up (it exists to be tested).
         graphs = GraphedForward(self.net, cache_obj, cfg, self.max_rows, plan.decode_window) if cuda_graphs else None
@@ -173,7 +208,9 @@ class EngineCore:
                 scratch.append(None)
             self.lookahead_rows += len(ahead)
         try:
-            logits, valid = self.runner.forward(canvases, windows, tables, scratch if ahead else None)
+            # A runner with per-request state of its own (llama.cpp's sequences) is told whose rows these are.
+            extra = {"owners": rows} if getattr(self.runner, "needs_owners", False) else {}
+            logits, valid = self.runner.forward(canvases, windows, tables, scratch if ahead else None, **extra)
         finally:
             if borrowed:
                 self.cache.release(borrowed)

@@ -39,18 +39,23 @@ class Event:
 # What the Engine shows of its core (tests, the server's metrics and the bench read these).
 _CORE = frozenset({"model", "net", "plan", "cache", "cache_mode", "runner", "scheduler", "lookahead", "max_batch",
                    "max_rows", "lookahead_rows", "lookahead_hits", "steps", "mask_id", "eos_id", "num_running",
-                   "num_waiting", "has_work", "_requests"})
+                   "num_waiting", "has_work", "_requests", "backend"})
 
 
 class Engine:
     def __init__(self, model, *, max_batch: int = 16, kv_budget_tokens: int | None = None, cache: str = "auto",
                  refresh_interval: int | None = None, quantize: str | None = None, compile: bool = False,
-                 cuda_graphs: bool = False, lookahead: bool = True, prefill_chunk: int | None = 2048):
+                 cuda_graphs: bool = False, lookahead: bool = True, prefill_chunk: int | None = 2048,
+                 backend: str = "torch"):
         """prefill_chunk: a prompt longer than this is prefilled into the KV cache in chunks of about
-        this many tokens (block- and causal-attention models) instead of one quadratic attention."""
+        this many tokens (block- and causal-attention models) instead of one quadratic attention.
+        backend: "torch", or "llama.cpp" (CPU; block-causal and causal models; needs the
+        llama-cpp-python package): the forward runs on llama.cpp's library with weights in `quantize`
+        = None (f32), "f16" or "q8_0" (engine/llamacpp)."""
         self.core = EngineCore(model, max_batch=max_batch, kv_budget_tokens=kv_budget_tokens, cache=cache,
                                refresh_interval=refresh_interval, quantize=quantize, compile=compile,
-                               cuda_graphs=cuda_graphs, lookahead=lookahead, prefill_chunk=prefill_chunk)
+                               cuda_graphs=cuda_graphs, lookahead=lookahead, prefill_chunk=prefill_chunk,
+                               backend=backend)
         self.processor = InputProcessor(self.core.model, needs_prompt=self.core.plan.needs_prompt,
                                         lookahead=self.core.lookahead)
         self._streams: dict[str, TextStream] = {}

@@ -11,12 +11,14 @@ import torch
 
 class PagedKVCache:
     def __init__(self, n_layers: int, kv_heads: int, head_dim: int, budget_tokens: int, page_size: int,
-                 device, dtype=torch.float32):
+                 device, dtype=torch.float32, storage: bool = True):
+        """storage False: the pages are only accounted for (a runner that keeps keys and values
+        elsewhere, such as llama.cpp's, still has the scheduler budget them); k and v are None."""
         self.page_size = page_size
         self.n_pages = -(-budget_tokens // page_size) + 1
         shape = (n_layers, self.n_pages * page_size, kv_heads, head_dim)
-        self.k = torch.zeros(shape, device=device, dtype=dtype)
-        self.v = torch.zeros(shape, device=device, dtype=dtype)
+        self.k = torch.zeros(shape, device=device, dtype=dtype) if storage else None
+        self.v = torch.zeros(shape, device=device, dtype=dtype) if storage else None
         self._free = list(range(self.n_pages - 1, 0, -1))  # pop() hands out low page ids first
 
     @property

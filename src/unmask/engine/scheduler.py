@@ -16,8 +16,11 @@ from .request import Request
 
 
 class Scheduler:
-    def __init__(self, max_batch: int, cache: PagedKVCache | None, plan: DecodePlan):
+    def __init__(self, max_batch: int, cache: PagedKVCache | None, plan: DecodePlan, on_release=None):
         self.max_batch, self.cache, self.plan = max_batch, cache, plan
+        # Called with a request whose cache is given up (retired or preempted): a runner that keeps
+        # per-request state of its own (llama.cpp's sequences) forgets it.
+        self.on_release = on_release
         # The longest window that counts as decoding (0: never separate prefills).
         self.decode_window = plan.decode_window if cache is not None else 0
         self.waiting: deque[Request] = deque()
@@ -33,6 +36,8 @@ class Scheduler:
     def _preempt(self, req: Request) -> None:
         self.running.remove(req)
         self.cache.release(req.pages)
+        if self.on_release is not None:
+            self.on_release(req)
         req.reset()
         req.set_mask_id(req.mask_id)
         req.preemptions += 1
@@ -83,6 +88,8 @@ class Scheduler:
             self.waiting.remove(req)
         if self.cache is not None:
             self.cache.release(req.pages)
+        if self.on_release is not None:
+            self.on_release(req)
 
     def has_work(self) -> bool:
         return bool(self.waiting or self.running)

@@ -32,6 +32,7 @@ class Decoding:
     quantize: str | None = None  # engine weight quantization: None, "int8" or "bf16"
     fallback: str | None = None  # engine policies other than topk: "best" or "leftmost"; None: the model's
     lookahead: bool = True  # the engine's block lookahead (engine/lookahead.py); the tokens do not change
+    backend: str = "torch"  # the engine's forward: "torch" or "llama.cpp"
 
     def steps(self, max_tokens: int) -> int | None:
         return None if self.steps_ratio is None else max(1, round(max_tokens * self.steps_ratio))
@@ -48,6 +49,8 @@ class Decoding:
             s += f", {self.quantize} weights"
         if not self.lookahead:
             s += ", no lookahead"
+        if self.backend != "torch":
+            s += f", {self.backend} backend"
         return s
 
 
@@ -131,7 +134,7 @@ def _sampling_params(decoding: Decoding, task: Task, max_tokens: int, stop):
 def _run_engine(model, tasks, decoding, max_tokens, concurrency, stops, max_batch, progress) -> Batch:
     """stops: per task."""
     engine = Engine(model, max_batch=max(max_batch, concurrency), quantize=decoding.quantize,
-                    lookahead=decoding.lookahead)
+                    lookahead=decoding.lookahead, backend=decoding.backend)
     params = [_sampling_params(decoding, t, max_tokens, st) for t, st in zip(tasks, stops)]
     pending = deque(range(len(tasks)))
     inflight: dict[str, int] = {}

@@ -84,6 +84,18 @@ class Transformer(nn.Module):
             return None, True
         return block_causal_mask(positions, positions, self.config.block_size).unsqueeze(1), False
 
+    def input_embeddings(self, idx: torch.Tensor, prev_idx: torch.Tensor | None = None,
+                         prev_gap: torch.Tensor | None = None) -> torch.Tensor:
+        """What the first layer reads: token embeddings, and for a token_shift model the [MASK]
+        inputs' left context on top (prev_idx/prev_gap: model/shift.py)."""
+        x = self.embed(idx)
+        if self.prev_embed is not None:
+            # Only [MASK] inputs get it: a clean token's own embedding is what an AR-style stream
+            # reads, and adding its left neighbour on top measured worse for the AR twin.
+            is_mask = (idx == self.config.mask_token_id).unsqueeze(-1)
+            x = torch.where(is_mask, x + self.prev_embed(prev_idx) + self.gap_embed(prev_gap), x)
+        return x
+
     def forward(self, idx: ForwardBatch | torch.Tensor, positions: torch.Tensor | None = None, attn_mask=None,
                 kv_cache: KVCache | None = None, logits_from: int = 0, logits_to: int | None = None,
                 logits_at: torch.Tensor | None = None, prev_idx: torch.Tensor | None = None,
@@ -124,17 +136,12 @@ class Transformer(nn.Module):
             attn_mask = attn_mask.unsqueeze(1)
         cos = self.rope_cos[positions].unsqueeze(1)
         sin = self.rope_sin[positions].unsqueeze(1)
-        x = self.embed(idx)
-        if self.prev_embed is not None:
-            if prev_idx is None or prev_gap is None:
-                if kv_cache is not None:
-                    raise ValueError("prev_idx and prev_gap are required for a token_shift model when a "
-                                     "kv_cache is used")
-                prev_idx, prev_gap = left_context(idx, self.config.mask_token_id, self.config.pad_token_id)
-            # Only [MASK] inputs get it: a clean token's own embedding is what an AR-style stream
-            # reads, and adding its left neighbour on top measured worse for the AR twin.
-            is_mask = (idx == self.config.mask_token_id).unsqueeze(-1)
-            x = torch.where(is_mask, x + self.prev_embed(prev_idx) + self.gap_embed(prev_gap), x)
+        if self.prev_embed is not None and (prev_idx is None or prev_gap is None):
+            if kv_cache is not None:
+                raise ValueError("prev_idx and prev_gap are required for a token_shift model when a "
+                                 "kv_cache is used")
+            prev_idx, prev_gap = left_context(idx, self.config.mask_token_id, self.config.pad_token_id)
+        x = self.input_embeddings(idx, prev_idx, prev_gap)
         pk = None
         if packed is not None:
             # Padding costs as much as real tokens in every matmul; a ragged engine batch can be

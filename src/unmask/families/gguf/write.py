@@ -34,25 +34,35 @@ def write_gguf(src: str | os.PathLike, out: str | os.PathLike, qtype: str = "F16
     laid out as llama.cpp's converter does (metadata keys, tensor names, q/k permutation for llama and
     llada, 1-D tensors in F32, byte-level BPE vocabulary). `qtype`: F32, F16, BF16, Q8_0, Q4_0, Q4_1,
     Q5_0 or Q5_1 (what gguf.quants can quantize). Written to a temporary name and renamed."""
-    gguf = import_gguf()
-    src, out = Path(src), Path(out)
-    try:
-        gtype = gguf.GGMLQuantizationType[qtype.upper()]
-    except KeyError:
-        raise UserError(f"unknown GGUF type {qtype!r}") from None
+    src = Path(src)
     net, cfg, spec, raw = load_network(src)
     arch = next((a for a, (mt, _) in ARCHITECTURES.items() if mt in spec.model_types), None)
     if arch is None:
         raise UserError(f"{src}: family {spec.name} has no llama.cpp architecture; GGUF can hold: "
                         f"{', '.join(mt for mt, _ in ARCHITECTURES.values())}")
+    return write_gguf_net(net.state_dict(), cfg, out, qtype, arch=arch, vocab=vocab_metadata(src, cfg.vocab_size),
+                          name=src.name, chat_template=spec.chat_template(src), where=str(src))
+
+
+def write_gguf_net(state: dict, cfg, out: str | os.PathLike, qtype: str = "F16", *, arch: str, vocab: dict | None,
+                   name: str, chat_template: str | None = None, where: str = "model") -> Path:
+    """The in-memory half of write_gguf: a state dict in our names and its ModelConfig, as a GGUF file
+    of llama.cpp architecture `arch` (a key of ARCHITECTURES). Tensors the architecture has no name
+    for must be dropped by the caller. vocab None: no tokenizer ("no_vocab"; the engine's llama.cpp
+    runner feeds embeddings and reads logits). Atomic."""
+    gguf = import_gguf()
+    out = Path(out)
+    try:
+        gtype = gguf.GGMLQuantizationType[qtype.upper()]
+    except KeyError:
+        raise UserError(f"unknown GGUF type {qtype!r}") from None
     permuted = ARCHITECTURES[arch][1]
-    vocab = vocab_metadata(src, cfg.vocab_size)
     out.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp")
     os.close(fd)
     try:
         w = gguf.GGUFWriter(tmp, arch)
-        w.add_name(src.name)
+        w.add_name(name)
         w.add_block_count(cfg.n_layers)
         w.add_context_length(cfg.max_seq_len)
         w.add_embedding_length(cfg.d_model)
@@ -70,7 +80,7 @@ def write_gguf(src: str | os.PathLike, out: str | os.PathLike, qtype: str = "F16
         rs = cfg.rope_scaling
         if rs is not None:
             if rs.type not in ("linear", "yarn"):
-                raise UserError(f"{src}: RoPE scaling {rs.type!r} has no GGUF form llama.cpp reads")
+                raise UserError(f"{where}: RoPE scaling {rs.type!r} has no GGUF form llama.cpp reads")
             w.add_rope_scaling_type(gguf.RopeScalingType(rs.type))
             w.add_rope_scaling_factor(rs.factor)
             if rs.type == "yarn":
@@ -89,19 +99,22 @@ def write_gguf(src: str | os.PathLike, out: str | os.PathLike, qtype: str = "F16
         w.add_file_type(gguf.LlamaFileType[ftype])
         if gtype not in (gguf.GGMLQuantizationType.F32, gguf.GGMLQuantizationType.F16):
             w.add_quantization_version(gguf.GGML_QUANT_VERSION)
-        w.add_tokenizer_model("gpt2")
-        w.add_tokenizer_pre(vocab["pre"])
-        w.add_token_list(vocab["tokens"])
-        w.add_token_types(vocab["types"])
-        w.add_token_merges(vocab["merges"])
-        if vocab["bos"] is not None:
-            w.add_bos_token_id(vocab["bos"])
-        w.add_eos_token_id(cfg.eos_token_id)
-        w.add_pad_token_id(cfg.pad_token_id)
-        tpl = spec.chat_template(src)
-        if tpl:
-            w.add_chat_template(tpl)
-        state = net.state_dict()
+        if vocab is None:  # ids in, logits out (the engine's llama.cpp runner): no tokenizer needed
+            w.add_tokenizer_model("no_vocab")
+            if arch not in ("llama", "llada"):
+                w.add_vocab_size(cfg.vocab_size)
+        else:
+            w.add_tokenizer_model("gpt2")
+            w.add_tokenizer_pre(vocab["pre"])
+            w.add_token_list(vocab["tokens"])
+            w.add_token_types(vocab["types"])
+            w.add_token_merges(vocab["merges"])
+            if vocab["bos"] is not None:
+                w.add_bos_token_id(vocab["bos"])
+            w.add_eos_token_id(cfg.eos_token_id)
+            w.add_pad_token_id(cfg.pad_token_id)
+        if chat_template:
+            w.add_chat_template(chat_template)
         for ours in state:
             if ours == "lm_head.weight" and cfg.tie_embeddings:
                 continue
