@@ -27,7 +27,9 @@ def prompt_ids(n: int, seed: int) -> list[int]:
     return torch.randint(20, 250, (n,), generator=g).tolist()
 
 
-@pytest.mark.parametrize("attention", ["block", "causal"])
+# Block attention only: the causal plan's steps go through the same buckets and custom op, and each
+# compiled case costs about a minute of Inductor on 2 cores (the suite's budget is ~10 minutes).
+@pytest.mark.parametrize("attention", ["block"])
 def test_compiled_steps_equal_eager_engine(tok, attention):
     model = random_pretrained(tok, attention, seed=3, token_shift=attention == "block", block_size=4,
                               max_seq_len=96, n_layers=2)

@@ -39,6 +39,20 @@ def test_same_tokens_as_torch(tok, attention, shift):
         assert eng.core.lookahead_rows > 0  # lookahead rows ran (and changed nothing)
 
 
+@pytest.mark.parametrize("per_context", [1, 3])
+def test_requests_spread_over_contexts(tok, monkeypatch, per_context):
+    """Requests are spread over llama.cpp contexts of `per_context` each: the same tokens."""
+    import unmask.engine.llamacpp.runner as runner_mod
+
+    monkeypatch.setattr(runner_mod, "PER_CONTEXT", per_context)
+    model = random_pretrained(tok, "block", peak=4.0, token_shift=True, max_seq_len=128)
+    want = _tokens(Engine(model, max_batch=4), PROMPTS)
+    eng = Engine(model, max_batch=4, backend="llama.cpp")
+    assert len(eng.core.runner.groups) == -(-4 // per_context)
+    assert _tokens(eng, PROMPTS) == want
+    assert all(g.members == 0 and g.n_free == runner_mod.MAX_SEQ for g in eng.core.runner.groups)
+
+
 def test_lookahead_off_same_tokens(tok):
     model = random_pretrained(tok, "block", peak=4.0, token_shift=True, max_seq_len=128)
     on = _tokens(Engine(model, max_batch=2, backend="llama.cpp"), PROMPTS)
@@ -47,7 +61,8 @@ def test_lookahead_off_same_tokens(tok):
 
 
 def test_long_prompt_takes_several_calls(tok):
-    """A prompt of many blocks is prefilled two blocks per call; a small n_ubatch splits further."""
+    """A prompt of many blocks is prefilled up to 13 blocks per call (a chain of sequence ids); fewer
+    per call (2, or 1 through a small n_ubatch) give the same tokens."""
     from unmask.engine.llamacpp.runner import LlamaCppRunner
 
     model = random_pretrained(tok, "block", peak=4.0, max_seq_len=128)
@@ -56,9 +71,12 @@ def test_long_prompt_takes_several_calls(tok):
     eng = Engine(model, max_batch=1, backend="llama.cpp")
     runner = eng.core.runner
     assert isinstance(runner, LlamaCppRunner)
-    before = runner.decode_calls
     assert _tokens(eng, [prompt], n=16) == want
-    assert runner.decode_calls - before > eng.core.steps  # the prefill took more than one call
+    assert runner.chain == 13 or not __import__("sys").platform.startswith("linux")  # libstdc++: chains
+    runner.chain = 2  # a call per two blocks
+    before, steps = runner.decode_calls, eng.core.steps
+    assert _tokens(eng, [prompt], n=16) == want
+    assert runner.decode_calls - before > eng.core.steps - steps  # the prefill took more than one call
     runner.n_ubatch = 4  # one block per call
     assert _tokens(eng, [prompt], n=16) == want
 
@@ -69,7 +87,9 @@ def test_preemption_same_tokens(tok):
     eng = Engine(model, max_batch=4, backend="llama.cpp", kv_budget_tokens=96)
     assert _tokens(eng, PROMPTS, n=40) == want
     assert eng.core.scheduler.preemptions > 0
-    assert len(eng.core.runner._seqs) == 0  # every finished request gave its sequences back
+    runner = eng.core.runner
+    assert len(runner._seqs) == 0  # every finished request gave its sequences back
+    assert all(g.members == 0 and g.n_free == 256 for g in runner.groups)
 
 
 def test_sampling_is_seeded(tok):

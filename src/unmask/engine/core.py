@@ -126,8 +126,8 @@ class EngineCore:
             from .llamacpp.runner import LlamaCppRunner
             if cache_obj is None:
                 raise UserError(f"backend 'llama.cpp' needs the exact KV cache; cache={cache!r} has none")
-            self.runner = LlamaCppRunner(model.net, cfg, plan, weights=quantize or "f32", max_rows=self.max_rows,
-                                         kv_tokens=cache_obj.capacity_tokens)
+            self.runner = LlamaCppRunner(model.net, cfg, plan, weights=quantize or "f32", max_batch=max_batch,
+                                         max_rows=self.max_rows, kv_tokens=cache_obj.capacity_tokens)
             self.scheduler = Scheduler(max_batch, cache_obj, plan, on_release=self.runner.release)
             self._requests: dict[str, Request] = {}
             self.steps = 0

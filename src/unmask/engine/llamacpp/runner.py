@@ -8,14 +8,14 @@ cache whose cells carry sequence ids; a token sees exactly the cells of its firs
 built from that:
 
 * each request owns a persistent sequence P holding its clean prefix;
-* a row is cut into segments at block boundaries. A decode call takes up to two segments of each
-  row: the first gets the sequence ids {S, P}, where the temporary S starts as a copy of P's prefix
-  (shared cells, nothing copied) and decides what the token sees; the second gets {P}. The first
-  therefore sees the prefix and itself, the second the prefix, the first and itself: the block
-  pattern. A decode step carries at most two segments per row (a finished block and the next one),
-  so every row of a step goes into one call; a prompt of many blocks takes a call per two blocks.
-  (Only two ids per token: llama.cpp keeps a token's ids in an unordered set, so which one decides
-  is found out once by `_probe`, and for two ids it is well defined.)
+* a row is cut into segments at block boundaries. A decode call takes up to CLASSES segments of a
+  row: segment m of n gets the sequence ids {S_m, ..., S_{n-2}, P}, where each temporary S_j starts
+  as a copy of P's prefix (shared cells, nothing copied) and S_m decides what the token sees. So
+  segment m sees the prefix and segments <= m: the block pattern. A decode step carries at most two
+  segments per row (a finished block and the next one), so every row of a step goes into one call;
+  a prompt of many blocks takes a call per CLASSES blocks. llama.cpp keeps a token's ids in an
+  unordered set, so which one decides is found out once by `_probe` (with libstdc++: the id passed
+  last, when the ids fall in distinct residue classes mod CLASSES, which the id pool ensures);
 * after the step the window's cells stay in P. At the request's next forward, P is cut back to the
   clean prefix the decode plan reports (`r.cached`): the current block's noisy cells are dropped and
   a finished block's cells, computed from its final tokens, stay (the exact cache of BlockExactPlan).
@@ -41,13 +41,49 @@ from .export import runner_gguf
 from .library import ContextOptions, LlamaContext
 
 MAX_SEQ = 256  # llama.cpp's LLAMA_MAX_SEQ
+PER_CONTEXT = 4  # requests per llama.cpp context (see _Group)
+CLASSES = 13  # residue classes of sequence ids (see _probe)
+
+
+class _Group:
+    """One llama.cpp context and its sequence ids, serving up to `size` requests. Every request of a
+    group shares its KV pool, and llama.cpp's attention spans the whole pool (masked per sequence),
+    so requests are spread over several groups: each token then attends over its own group's cells
+    only, at the price of one decode call per group and step."""
+
+    def __init__(self, ctx: LlamaContext, size: int):
+        self.ctx, self.size = ctx, size
+        # Free ids by residue class mod CLASSES: a token's ids must fall in distinct classes (see _probe).
+        self.free = [[i for i in range(MAX_SEQ - 1, -1, -1) if i % CLASSES == c] for c in range(CLASSES)]
+        self.members = 0
+
+    @property
+    def n_free(self) -> int:
+        return sum(len(f) for f in self.free)
+
+    def take(self, avoid: set[int] = frozenset()) -> int | None:
+        """A free id whose class is not in `avoid` (from the fullest class); None if there is none."""
+        best = max((c for c in range(CLASSES) if c not in avoid and self.free[c]), key=lambda c: len(self.free[c]),
+                   default=None)
+        return None if best is None else self.free[best].pop()
+
+    def must_take(self) -> int:
+        seq = self.take()
+        if seq is None:
+            raise RuntimeError("llama.cpp runner: out of sequence ids")
+        return seq
+
+    def give(self, seq: int) -> None:
+        self.ctx.seq_rm(seq)
+        self.free[seq % CLASSES].append(seq)
 
 
 @dataclass
 class _Seqs:
-    """A request's sequences: P, how far P is known clean, and last step's rows as
+    """A request's group, its sequence P, how far P is known clean, and last step's rows as
     (base sequence, start, tokens fed)."""
 
+    group: _Group
     p: int
     valid: int = 0
     last: list[tuple[int, int, list[int]]] = field(default_factory=list)
@@ -56,6 +92,7 @@ class _Seqs:
 @dataclass
 class _Row:
     index: int  # row index in the engine's batch
+    group: _Group
     base: int  # sequence that ends up holding all of the row's cells
     start: int
     segments: list[tuple[int, int]]  # [a, b) position ranges, in order
@@ -66,8 +103,8 @@ class _Row:
 class LlamaCppRunner:
     needs_owners = True  # forward() takes each row's request: P and last step's rows are kept per request
 
-    def __init__(self, net, cfg, plan, *, weights: str = "f32", max_rows: int, kv_tokens: int,
-                 n_threads: int | None = None, n_ubatch: int = 512):
+    def __init__(self, net, cfg, plan, *, weights: str = "f32", max_batch: int, max_rows: int, kv_tokens: int,
+                 n_threads: int | None = None, n_ubatch: int = 512, per_context: int | None = None):
         if isinstance(plan, BlockExactPlan):
             causal, self.segment = False, plan.block_size
         elif isinstance(plan, CausalPlan) and plan.uses_cache:
@@ -80,26 +117,26 @@ class LlamaCppRunner:
         self.net, self.cfg, self.plan = net, cfg, plan
         self.n_ubatch = n_ubatch
         self.path = runner_gguf(net, cfg, weights)
-        extra = max_rows * (plan.decode_window + 2 * cfg.block_size) + n_ubatch
-        n_ctx = -(-(kv_tokens + extra) // 256) * 256
-        self.ctx = LlamaContext(str(self.path), ContextOptions(
-            n_ctx=n_ctx, n_seq_max=MAX_SEQ, n_ubatch=n_ubatch, n_threads=n_threads or torch.get_num_threads(),
-            kv_f32=weights == "f32", causal=causal))
-        self._probe()
-        self._free = list(range(MAX_SEQ - 1, -1, -1))
+        per = per_context or PER_CONTEXT
+        per = max(1, min(per, max_batch))
+        n_groups = -(-max_batch // per)
+        rows = -(-max_rows // n_groups)  # rows one group may carry in a step
+        cells = min(kv_tokens, per * cfg.max_seq_len) + rows * (plan.decode_window + 2 * cfg.block_size) + n_ubatch
+        threads = n_threads or torch.get_num_threads()
+        opts = ContextOptions(n_ctx=-(-cells // 256) * 256, n_seq_max=MAX_SEQ, n_ubatch=n_ubatch, n_threads=threads,
+                              kv_f32=weights == "f32", causal=causal)
+        self.groups = [_Group(LlamaContext(str(self.path), opts), per) for _ in range(n_groups)]
+        self._probe(self.groups[0].ctx)
         self._seqs: dict[str, _Seqs] = {}
         self.device = torch.device("cpu")
         self.decode_calls = 0
 
-    # ---- sequence ids ----------------------------------------------------------------------------
-    def _take(self) -> int:
-        if not self._free:
-            raise RuntimeError("llama.cpp runner: out of sequence ids")
-        return self._free.pop()
-
-    def _give(self, seq: int) -> None:
-        self.ctx.seq_rm(seq)
-        self._free.append(seq)
+    # ---- requests and their sequences ------------------------------------------------------------
+    def _admit(self, req) -> _Seqs:
+        g = min(self.groups, key=lambda g: g.members)
+        g.members += 1
+        st = self._seqs[req.id] = _Seqs(g, g.must_take())
+        return st
 
     def release(self, req) -> None:
         """Forget a request that finished, was aborted or was preempted."""
@@ -108,11 +145,13 @@ class LlamaCppRunner:
             return
         for base, _, _ in st.last:
             if base != st.p:
-                self._give(base)
-        self._give(st.p)
+                st.group.give(base)
+        st.group.give(st.p)
+        st.group.members -= 1
 
     def _reconcile(self, req, st: _Seqs) -> None:
         """Cut P back to the clean prefix [0, req.cached) after last step's rows."""
+        ctx = st.group.ctx
         target = req.cached
         canvas = None
         keep = None
@@ -127,17 +166,17 @@ class LlamaCppRunner:
             starts = [s for _, s, _ in st.last]
             if keep is None:
                 st.valid = min(st.valid, min(starts))
-                self.ctx.seq_rm(st.p, st.valid, -1)
+                ctx.seq_rm(st.p, st.valid, -1)
             else:
                 base, start = keep
                 if base != st.p:
-                    self.ctx.seq_rm(st.p, start, -1)
-                    self.ctx.seq_cp(base, st.p, start, target)
+                    ctx.seq_rm(st.p, start, -1)
+                    ctx.seq_cp(base, st.p, start, target)
                 st.valid = target
-                self.ctx.seq_rm(st.p, target, -1)
+                ctx.seq_rm(st.p, target, -1)
             for base, _, _ in st.last:
                 if base != st.p:
-                    self._give(base)
+                    st.group.give(base)
             st.last = []
         st.valid = min(st.valid, target)
 
@@ -153,21 +192,20 @@ class LlamaCppRunner:
         offset = 0
         seen: set[str] = set()
         for i, (req, c, w) in enumerate(zip(owners, canvases, windows)):
-            st = self._seqs.get(req.id)
-            if st is None:
-                st = self._seqs[req.id] = _Seqs(self._take())
+            st = self._seqs.get(req.id) or self._admit(req)
+            ctx = st.group.ctx
             if req.id not in seen:  # the request's ordinary row: it writes into P
                 seen.add(req.id)
                 self._reconcile(req, st)
                 if w.start > st.valid:
                     raise RuntimeError(f"llama.cpp runner: window starts at {w.start} but the cache holds "
                                        f"only [0, {st.valid}) of request {req.id}")
-                self.ctx.seq_rm(st.p, w.start, -1)
+                ctx.seq_rm(st.p, w.start, -1)
                 st.valid = min(st.valid, w.start)
                 base = st.p
             else:  # an extra row (block lookahead): its own base, sharing P's prefix
-                base = self._take()
-                self.ctx.seq_cp(st.p, base, 0, w.start)
+                base = st.group.must_take()
+                ctx.seq_cp(st.p, base, 0, w.start)
             n = w.end - w.start
             toks = c[w.start:w.end]
             st.last.append((base, w.start, toks.tolist()))
@@ -180,7 +218,7 @@ class LlamaCppRunner:
             # Only still-masked positions are scored (the policies commit nothing else), so only
             # their outputs go through the vocabulary projection.
             scored = c[w.lo:w.hi].eq(self.cfg.mask_token_id).nonzero().flatten().tolist()
-            rows.append(_Row(i, base, w.start, self._segments(w.start, w.end), offset,
+            rows.append(_Row(i, st.group, base, w.start, self._segments(w.start, w.end), offset,
                              {w.lo + k - shift: k for k in scored}))
             offset += n
         ids_t = torch.cat(ids)[None]
@@ -197,8 +235,10 @@ class LlamaCppRunner:
         valid = torch.zeros(B, A, dtype=torch.bool)
         for i, w in enumerate(windows):
             valid[i, : w.hi - w.lo] = True
-        for call in self._calls(rows):
-            self._run(call, embd, pos_np, logits, valid)
+        for g in self.groups:
+            mine = [r for r in rows if r.group is g]
+            for call in self._calls(g, mine) if mine else ():
+                self._run(g, call, embd, pos_np, logits, valid)
         return logits, valid
 
     def _segments(self, start: int, end: int) -> list[tuple[int, int]]:
@@ -209,23 +249,31 @@ class LlamaCppRunner:
         cuts = sorted({start, end, *range((start // bs + 1) * bs, end, bs)})
         return list(zip(cuts[:-1], cuts[1:]))
 
-    def _calls(self, rows: list[_Row]):
-        """Group (row, segments) into decode calls of at most n_ubatch tokens, each row giving at most
-        `self.pair` segments per call (see _probe). A row's segments stay in order; when a row spans
-        calls, its later segments see the earlier ones through its base sequence."""
+    def _calls(self, g: _Group, rows: list[_Row]):
+        """Group (row, segments, temporaries) into decode calls of at most n_ubatch tokens, each row
+        giving at most `self.chain` segments per call (see _probe), every segment after a row's first
+        in the call costing one temporary sequence id. A row's segments stay in order; when a row
+        spans calls, its later segments see the earlier ones through its base sequence."""
         pending = [(r, list(r.segments)) for r in rows]
-        per_row = self.pair if self.segment is not None else 1 << 30
+        per_row = self.chain if self.segment is not None else 1 << 30
         while pending:
             call, tokens, rest = [], 0, []
             for r, segs in pending:
-                take = []
+                take, temps = [], []
+                used = {r.base % CLASSES}
                 for a, b in segs[:per_row]:
                     if tokens + (b - a) > self.n_ubatch:
                         break
+                    if take and self.segment is not None:
+                        t = g.take(used)  # the previous segment's own sequence
+                        if t is None:
+                            break
+                        temps.append(t)
+                        used.add(t % CLASSES)
                     take.append((a, b))
                     tokens += b - a
                 if take:
-                    call.append((r, take))
+                    call.append((r, take, temps))
                 if len(take) < len(segs):
                     rest.append((r, segs[len(take):]))
             if not call:
@@ -233,17 +281,19 @@ class LlamaCppRunner:
             yield call
             pending = rest
 
-    def _run(self, call, embd, pos_np, logits, valid) -> None:
+    def _run(self, g: _Group, call, embd, pos_np, logits, valid) -> None:
+        """One decode call. Segment m of a row's n in this call carries the ids {S_m, ..., S_{n-2},
+        base}, S_m deciding what it sees: the prefix, segments <= m. Temporaries start as copies of
+        the base's prefix and are given back afterwards."""
         sel, seq_ids, out, where, temps = [], [], [], [], []
-        for r, segs in call:
-            if len(segs) == 2:  # the first segment must not see the second: its own sequence S
-                s = self._take()
-                temps.append(s)
-                self.ctx.seq_cp(r.base, s, 0, segs[0][0])
-                first = [r.base, s] if self.last_decides else [s, r.base]
+        for r, segs, chain in call:
+            for t in chain:
+                g.ctx.seq_cp(r.base, t, 0, segs[0][0])
+            temps += chain
             scored = r.outputs
             for m, (a, b) in enumerate(segs):
-                ids = first if m == 0 and len(segs) == 2 else [r.base]
+                own = chain[m:]  # S_m .. S_{n-2}
+                ids = [r.base, *own[::-1]] if self.last_decides else [*own, r.base]
                 for p in range(a, b):
                     sel.append(r.offset + p - r.start)
                     seq_ids.append(ids)
@@ -252,43 +302,57 @@ class LlamaCppRunner:
                     if k is not None:
                         where.append((r.index, k))
         n = np.asarray([len(x) for x in seq_ids], dtype=np.int32)
-        ids_np = np.zeros((len(sel), 2), dtype=np.int32)
+        ids_np = np.zeros((len(sel), int(n.max())), dtype=np.int32)
         for i, x in enumerate(seq_ids):
             ids_np[i, : len(x)] = x
         try:
-            got = self.ctx.decode(embd[sel], pos_np[sel], ids_np, n, np.asarray(out, dtype=np.int8))
+            got = g.ctx.decode(embd[sel], pos_np[sel], ids_np, n, np.asarray(out, dtype=np.int8))
         finally:
             for t in temps:
-                self._give(t)
+                g.give(t)
         self.decode_calls += 1
         if where:
             bi = torch.tensor([w[0] for w in where])
             ai = torch.tensor([w[1] for w in where])
             logits[bi, ai] = torch.from_numpy(got)
 
-    def _probe(self) -> None:
-        """Which of a token's two sequence ids decides what it sees. llama.cpp documents the first,
-        but its batch keeps a token's ids in an unordered set, so the order that arrives depends on
-        the C++ library (libstdc++: the last one passed). Two tokens at positions 0 and 1 tell: token
-        0 in {S, P} must not see token 1 in {P}. Neither order working leaves one segment per row
-        per call (slower, still exact)."""
-        self.pair, self.last_decides = 1, True
+    def _probe(self, ctx: LlamaContext) -> None:
+        """How many segments of a row one decode call may carry, and in which order a token's ids go.
+
+        llama.cpp documents that a token's first sequence id decides what it sees, but its batch keeps
+        a token's ids in an unordered set. With libstdc++, a fresh set of at most CLASSES ints in
+        distinct classes mod CLASSES iterates in reverse insertion order (each lands in an empty
+        bucket at the list's head), so the id passed last comes first. The probe checks it on this
+        build: three tokens at positions 0, 1, 2 with ids {S0, S1, P}, {S1, P}, {P} must give the
+        logits of feeding them one at a time into P (token 0 sees itself, token 1 tokens 0-1, ...).
+        Chains work: up to CLASSES segments per call. Else two ids ({S, P}, {P}) in either order:
+        two segments. Else one segment per row per call (slower, still exact)."""
+        self.chain, self.last_decides = 1, True
         if self.segment is None:
             return
         g = torch.Generator().manual_seed(0)
-        e = (torch.randn(2, self.ctx.n_embd, generator=g) * 0.5).numpy()
-        pos = np.array([0, 1], dtype=np.int32)
+        e = (torch.randn(3, ctx.n_embd, generator=g) * 0.5).numpy()
+        pos = np.arange(3, dtype=np.int32)
         one = np.ones(1, dtype=np.int8)
-        self.ctx.clear()
-        alone = self.ctx.decode(e[:1], pos[:1], np.array([[0]], np.int32), np.array([1], np.int32), one)
-        for last in (True, False):
-            self.ctx.clear()
-            ids = np.array([[0, 1] if last else [1, 0], [0, 0]], np.int32)
-            got = self.ctx.decode(e, pos, ids, np.array([2, 1], np.int32), np.array([1, 0], np.int8))
-            if np.allclose(got, alone, rtol=1e-3, atol=1e-3):
-                self.pair, self.last_decides = 2, last
+        ctx.clear()
+        alone = np.concatenate([ctx.decode(e[i:i + 1], pos[i:i + 1], np.zeros((1, 1), np.int32),
+                                           np.ones(1, np.int32), one) for i in range(3)])
+        P, S0, S1 = 0, 1, 2  # distinct classes
+        for length, last in ((3, True), (3, False), (2, True), (2, False)):
+            k = length
+            sets = [[P, S1, S0], [P, S1], [P]] if k == 3 else [[P, S0], [P]]
+            if not last:
+                sets = [x[::-1] for x in sets]
+            ids = np.zeros((k, k), np.int32)
+            for i, x in enumerate(sets):
+                ids[i, : len(x)] = x
+            ctx.clear()
+            got = ctx.decode(e[:k], pos[:k], ids, np.array([len(x) for x in sets], np.int32), np.ones(k, np.int8))
+            if np.allclose(got, alone[:k], rtol=1e-3, atol=1e-3):
+                self.chain, self.last_decides = (CLASSES if k == 3 else 2), last
                 break
-        self.ctx.clear()
+        ctx.clear()
 
     def close(self) -> None:
-        self.ctx.close()
+        for g in self.groups:
+            g.ctx.close()
