@@ -46,13 +46,13 @@ CLASSES = 13  # residue classes of sequence ids (see _probe)
 
 
 class _Group:
-    """One llama.cpp context and its sequence ids, serving up to `size` requests. Every request of a
+    """One llama.cpp context and its sequence ids, serving up to PER_CONTEXT requests. Every request of a
     group shares its KV pool, and llama.cpp's attention spans the whole pool (masked per sequence),
     so requests are spread over several groups: each token then attends over its own group's cells
     only, at the price of one decode call per group and step."""
 
-    def __init__(self, ctx: LlamaContext, size: int):
-        self.ctx, self.size = ctx, size
+    def __init__(self, ctx: LlamaContext):
+        self.ctx = ctx
         # Free ids by residue class mod CLASSES: a token's ids must fall in distinct classes (see _probe).
         self.free = [[i for i in range(MAX_SEQ - 1, -1, -1) if i % CLASSES == c] for c in range(CLASSES)]
         self.members = 0
@@ -125,7 +125,7 @@ class LlamaCppRunner:
         threads = n_threads or torch.get_num_threads()
         opts = ContextOptions(n_ctx=-(-cells // 256) * 256, n_seq_max=MAX_SEQ, n_ubatch=n_ubatch, n_threads=threads,
                               kv_f32=weights == "f32", causal=causal)
-        self.groups = [_Group(LlamaContext(str(self.path), opts), per) for _ in range(n_groups)]
+        self.groups = [_Group(LlamaContext(str(self.path), opts)) for _ in range(n_groups)]
         self._probe(self.groups[0].ctx)
         self._seqs: dict[str, _Seqs] = {}
         self.device = torch.device("cpu")
@@ -338,8 +338,7 @@ class LlamaCppRunner:
         alone = np.concatenate([ctx.decode(e[i:i + 1], pos[i:i + 1], np.zeros((1, 1), np.int32),
                                            np.ones(1, np.int32), one) for i in range(3)])
         P, S0, S1 = 0, 1, 2  # distinct classes
-        for length, last in ((3, True), (3, False), (2, True), (2, False)):
-            k = length
+        for k, last in ((3, True), (3, False), (2, True), (2, False)):
             sets = [[P, S1, S0], [P, S1], [P]] if k == 3 else [[P, S0], [P]]
             if not last:
                 sets = [x[::-1] for x in sets]
