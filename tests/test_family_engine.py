@@ -165,7 +165,7 @@ def test_training_losses_score_shifted_families_as_inference_does(tiny, family, 
         masked[0, [5, j]] = True  # position 5 is noised too, but only j is scored
         w = torch.zeros(x0.shape)
         w[0, j] = 1.0
-        monkeypatch.setattr(L, "_diffusion_masks", lambda *a, **k: (masked, w))
+        monkeypatch.setattr(L, "diffusion_masks", lambda *a, **k: (masked, w))
         res = L.compute_loss(cfg.objective, model.net, x0, None, None, cfg.mask_token_id, cfg.block_size)
         # What inference sees when it scores j: earlier blocks clean (block families), this block as noised.
         seen = masked.clone()

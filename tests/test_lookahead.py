@@ -77,6 +77,27 @@ def test_same_tokens_and_one_forward_fewer_per_hit(models, name):
     assert off.lookahead_rows == 0
 
 
+@pytest.mark.parametrize("gate", [0.0, 0.2])
+def test_a_gate_looks_ahead_from_several_open_positions(models, gate):
+    """With a gate, a step whose block still has several open positions also looks ahead when the
+    previous forward was sure enough of every draft: the same tokens, more rows, at least as many hits."""
+    model = models["sharp"]
+    gated = Engine(model, max_batch=1, lookahead_gate=gate)
+    one, off = Engine(model, max_batch=1), Engine(model, max_batch=1, lookahead=False)
+    rng = random.Random(gate)
+    for case in range(30):
+        prompt = prompt_ids(rng.randint(1, 20), rng.randrange(10**6))
+        sp = SamplingParams(max_tokens=rng.randint(8, 30), temperature=0.0, policy="threshold",
+                            threshold=rng.choice([0.6, 0.9]))
+        hits = gated.lookahead_hits
+        a, b, c = gated.generate([prompt], sp)[0], off.generate([prompt], sp)[0], one.generate([prompt], sp)[0]
+        assert (a.token_ids, a.finish_reason) == (b.token_ids, b.finish_reason), (case, sp)
+        assert a.nfe == b.nfe - (gated.lookahead_hits - hits) and a.nfe <= c.nfe, case
+    assert gated.lookahead_rows > one.lookahead_rows and gated.lookahead_hits >= one.lookahead_hits
+    with pytest.raises(Exception, match="lookahead_gate must be in"):
+        Engine(model, lookahead_gate=1.5)
+
+
 def test_the_row_is_the_next_block_start_and_replaces_it(fresh):
     """A lookahead row is the window the next block's start would have run; after a hit the next
     forward for that request is already a continuation of the new block (one block wide)."""

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from unmask.errors import UserError
+from unmask.sampling.commit_rule import CommitRule
 from unmask.sampling.noise import make_generator, propose, select_topk
 from unmask.sampling.policies import (
     FALLBACKS, POLICIES, Proposal, StepParams, propose_batch, select_commits, step_k, validate_fallback,
@@ -17,37 +18,38 @@ from unmask.sampling.schedule import num_transfer_tokens
 
 MASK = 1
 NAMES = list(POLICIES)
+RULE = CommitRule.init(8, seed=0)  # random weights: the learned policy's mechanics, not its quality
 
 
 # ---- slow per-row rules: plain Python on lists --------------------------------------------------
 
-def slow_commit(name, conf, margin, entropy, masked, k, thr, fallback="best"):
+def slow_commit(name, conf, margin, entropy, masked, k, thr, fallback="best", learned=None):
     """The set of positions one row commits, straight from the rule's definition."""
     cands = [i for i, m in enumerate(masked) if m]
     if not cands:
         return set()
-    picked = slow_rule(name, conf, margin, entropy, cands, k, thr)
+    picked = slow_rule(name, conf, margin, entropy, cands, k, thr, learned)
     if picked:
         return picked
     if name == "topk" or fallback == "best":
-        return {slow_order(name, conf, margin, entropy, cands)[0]}
+        return {slow_order(name, conf, margin, entropy, cands, learned)[0]}
     return {cands[0]}
 
 
-def slow_order(name, conf, margin, entropy, cands):
+def slow_order(name, conf, margin, entropy, cands, learned=None):
     if name == "entropy":
         return sorted(cands, key=lambda i: (entropy[i], i))
-    score = margin if name == "margin" else conf
+    score = margin if name == "margin" else learned if name == "learned" else conf
     return sorted(cands, key=lambda i: (-score[i], i))
 
 
-def slow_rule(name, conf, margin, entropy, cands, k, thr):
+def slow_rule(name, conf, margin, entropy, cands, k, thr, learned=None):
     """What the rule itself picks from the masked positions `cands`; may be nothing."""
-    order = slow_order(name, conf, margin, entropy, cands)
+    order = slow_order(name, conf, margin, entropy, cands, learned)
     if name == "topk":
         return set(order[:min(k, len(cands))])
-    if name in ("threshold", "margin"):
-        score = margin if name == "margin" else conf
+    if name in ("threshold", "margin", "learned"):
+        score = margin if name == "margin" else learned if name == "learned" else conf
         return {i for i in cands if score[i] >= thr}
     if name == "factor":
         n = 0
@@ -89,11 +91,12 @@ def params_for(names, k, thr, temp=None, top_p=None, fallback=None):
         temperature=torch.tensor(temp if temp is not None else [0.0] * B, dtype=torch.float64),
         top_p=torch.tensor(top_p if top_p is not None else [1.0] * B, dtype=torch.float64),
         fallback=None if fallback is None else torch.tensor([FALLBACKS[f] for f in fallback]),
+        rule=RULE,
     )
 
 
 def random_threshold(name, rnd):
-    if name in ("threshold", "margin"):
+    if name in ("threshold", "margin", "learned"):
         return rnd.choice([1.0, 0.9, 0.5, 0.25, rnd.random() or 1.0])
     if name == "factor":
         return rnd.choice([0.5, 1.0, 2.0, rnd.uniform(0.01, 4)])
@@ -125,9 +128,11 @@ def check_against_slow(prop, masked, names, k, thr, fallback=None):
     assert commit.dtype == torch.bool and commit.shape == masked.shape
     assert not (commit & ~masked).any()
     for b, name in enumerate(names):
+        one = slice(b, b + 1)  # the learned score of this row alone
+        learned = RULE.score(prop.confidence[one], prop.margin[one], prop.entropy[one], masked[one])[0].tolist()
         want = slow_commit(name, prop.confidence[b].tolist(), prop.margin[b].tolist(),
                            prop.entropy[b].tolist(), masked[b].tolist(), k[b], thr[b],
-                           "best" if fallback is None else fallback[b])
+                           "best" if fallback is None else fallback[b], learned)
         got = set(commit[b].nonzero().flatten().tolist())
         assert got == want, (name, b, thr[b], k[b])
         assert (len(got) >= 1) == bool(masked[b].any())

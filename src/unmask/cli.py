@@ -8,6 +8,7 @@ import sys
 import time
 from pathlib import Path
 
+from .cli_train import add_training_commands, positive_int as _positive_int
 from .errors import UserError
 
 # engine/quantize.py's MODES, spelled out so that `unmask --help` does not import torch (a test keeps
@@ -25,13 +26,6 @@ LOOKAHEAD_HELP = ("block models: do not run the next block's first step on a gue
                   "(the tokens are the same either way; lookahead only saves forwards)")
 
 
-def _positive_int(s: str) -> int:
-    v = int(s)
-    if v <= 0:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {s}")
-    return v
-
-
 def cmd_data_build(a) -> None:
     from .data import build_corpus
 
@@ -47,28 +41,6 @@ def cmd_tokenizer_train(a) -> None:
 
     train_from_corpus(Path(a.corpus), Path(a.out), vocab_size=a.vocab_size)
     print(f"tokenizer written to {Path(a.out) / 'tokenizer.json'}")
-
-
-def cmd_train(a) -> None:
-    from .train import train
-
-    final = train(a.config, a.out, max_steps=a.max_steps, resume=a.resume, time_limit=a.time_limit)
-    print(f"model written to {final}")
-
-
-def cmd_finetune(a) -> None:
-    from .config import FinetuneConfig, parse
-    from .server.launch import pick_device
-    from .train.finetune import finetune
-
-    fields = dict(epochs=a.epochs, batch_size=a.batch_size, seq_len=a.seq_len, lr=a.lr, lora=a.lora,
-                  lora_rank=a.lora_rank, lora_alpha=a.lora_alpha, val_frac=a.val_frac, seed=a.seed,
-                  threads=a.threads, skip_long=a.skip_long or None)
-    cfg = parse(FinetuneConfig, {k: v for k, v in fields.items() if v is not None}, "unmask finetune")
-    summary = finetune(a.model, a.data, a.out, cfg, device=pick_device(a.device),
-                       log=(lambda *_: None) if a.json else print)
-    if a.json:
-        print(json.dumps({k: v for k, v in summary.items() if k not in ("history", "config")}))
 
 
 def cmd_generate(a) -> None:
@@ -289,43 +261,13 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--vocab-size", type=_positive_int, default=8192)
     t.set_defaults(func=cmd_tokenizer_train)
 
-    tr = sub.add_parser("train", help="pretrain a model from a config under configs/")
-    tr.add_argument("config")
-    tr.add_argument("--out", required=True)
-    tr.add_argument("--max-steps", type=_positive_int, default=None)
-    tr.add_argument("--resume", action="store_true", help="continue exactly from the latest checkpoint in --out")
-    tr.add_argument("--time-limit", type=float, default=None, metavar="SECONDS",
-                    help="stop cleanly after this many seconds: checkpoint + export to OUT/partial; "
-                         "continue with --resume")
-    tr.set_defaults(func=cmd_train)
-
-    ft = sub.add_parser("finetune", help="supervised fine-tuning (all weights, or LoRA) on a JSONL of examples",
-                        description="Each line of --data is one JSON object: {prompt, completion}, {messages} "
-                                    "(ending in the assistant's answer), {prefix, suffix, middle} (fill in the "
-                                    "middle) or {text}. The prompt is kept clean and only the answer is learned.")
-    ft.add_argument("--model", default=None, help="model directory to start from (default: the embedded model)")
-    ft.add_argument("--data", required=True, help="JSONL file of examples")
-    ft.add_argument("--out", required=True, help="where to write the fine-tuned model (a new directory)")
-    ft.add_argument("--lora", action="store_true", help="train LoRA adapters (merged into the saved weights)")
-    ft.add_argument("--lora-rank", type=_positive_int, default=None, help="adapter rank (default 8)")
-    ft.add_argument("--lora-alpha", type=float, default=None, help="adapter scale numerator (default 16)")
-    ft.add_argument("--epochs", type=float, default=None, help="passes over the examples (default 3)")
-    ft.add_argument("--batch-size", type=_positive_int, default=None, help="examples per step (default 8)")
-    ft.add_argument("--lr", type=float, default=None, help="peak learning rate (default 1e-3 LoRA, 5e-5 full)")
-    ft.add_argument("--seq-len", type=_positive_int, default=None, help="longest example (default: the context)")
-    ft.add_argument("--skip-long", action="store_true", help="leave out examples over --seq-len instead of stopping")
-    ft.add_argument("--val-frac", type=float, default=None, help="share held out to measure the loss (default 0.1)")
-    ft.add_argument("--seed", type=int, default=None)
-    ft.add_argument("--threads", type=_positive_int, default=None, help="torch CPU threads (default: torch's)")
-    ft.add_argument("--device", default="auto", help="cpu, cuda, cuda:N, or auto (CUDA when available)")
-    ft.add_argument("--json", action="store_true", help="print one JSON summary instead of progress")
-    ft.set_defaults(func=cmd_finetune)
+    add_training_commands(sub)
 
     g = sub.add_parser("generate", help="one completion")
     g.add_argument("prompt", help="the prompt text, or - to read it from stdin")
     g.add_argument("--model", default=None, help="model directory (default: the embedded model)")
     g.add_argument("--max-tokens", type=_positive_int, default=None)
-    g.add_argument("--policy", default=None)
+    g.add_argument("--policy", default=None, help="topk, threshold, factor, entropy, margin or learned (default: the model's)")
     g.add_argument("--threshold", type=float, default=None)
     g.add_argument("--fallback", default=None, help=FALLBACK_HELP)
     g.add_argument("--steps", type=_positive_int, default=None)
@@ -382,7 +324,7 @@ def build_parser() -> argparse.ArgumentParser:
         q.add_argument("--model", default=None, help="model directory (default: the embedded model)")
         q.add_argument("--limit", type=_positive_int, default=None, help="only the first N problems / items")
         q.add_argument("--max-tokens", type=_positive_int, default=max_tokens, help=f"generation length (default {max_tokens})")
-        q.add_argument("--policy", default=None, help="topk, threshold, factor, entropy or margin (default: the model's)")
+        q.add_argument("--policy", default=None, help="topk, threshold, factor, entropy, margin, or learned (a commit rule stored with the model; unmask commit-rule) (default: the model's)")
         q.add_argument("--threshold", type=float, default=None, help="the policy's parameter (tau, factor or gamma)")
         q.add_argument("--fallback", default=None, help=FALLBACK_HELP)
         q.add_argument("--steps", type=_positive_int, default=None, help="topk: total diffusion steps")

@@ -275,6 +275,21 @@ class FinetuneConfig(Strict):
         return self.lr or (1e-3 if self.lora else 5e-5)
 
 
+class DistillConfig(FinetuneConfig):
+    """`unmask distill` (train/distill.py): the model's own careful decoding of corpus prompts, then a
+    fine-tune that makes what it writes confident earlier. The optimiser fields are finetune's."""
+
+    epochs: float = Field(2.0, gt=0.0)
+    val_frac: float = Field(0.05, ge=0.0, lt=1.0)
+    prompts: int = Field(512, ge=2)  # teacher prompts drawn from the corpus's train split
+    fim_frac: float = Field(0.25, ge=0.0, le=1.0)  # share of them fill-in-the-middle (1-3 lines cut out)
+    prompt_chars: int = Field(800, ge=64)  # the longest prompt (prefix + suffix) in characters
+    max_tokens: int = Field(64, ge=4)  # teacher completion length
+    concurrency: int = Field(16, ge=1)  # teacher requests in flight
+    certainty: float = Field(1.0, ge=0.0)  # weight of the entropy term on masked positions predicted right
+    block_size: int = Field(0, ge=0)  # block models: train (and save) this decode block size; 0 keeps the model's
+
+
 class TrainConfig(Strict):
     model: ArchConfig = ArchConfig()
     data: DataConfig = DataConfig()

@@ -39,6 +39,7 @@ class Pretrained:
     generation: GenerationConfig = field(default_factory=GenerationConfig)
     path: Path | None = None
     family: "object" = None  # the FamilySpec it was loaded through (unmask.families); None: built in memory
+    commit_rule: "object" = None  # the learned policy's CommitRule stored beside the weights (sampling/commit_rule.py)
 
     @property
     def device(self) -> torch.device:
@@ -85,7 +86,8 @@ def load(path: str | os.PathLike | None = None, device: str | torch.device = "cp
         return Pretrained(net.eval(), tok, cfg, spec.generation_for(cfg), path, spec)
     net, cfg, spec, raw = load_network(path, device=device, dtype=dtype)
     family, tok, gen = conventions(path, cfg, spec)
-    return Pretrained(net.eval(), tok, cfg, gen, path, family)
+    from .sampling.commit_rule import CommitRule
+    return Pretrained(net.eval(), tok, cfg, gen, path, family, CommitRule.load(path))
 
 
 UNMASK_FAMILY = "unmask"
@@ -141,15 +143,16 @@ def _read_json(p: Path) -> dict:
 
 def save(model: Pretrained | Transformer, out: str | os.PathLike, tokenizer=None,
          generation: GenerationConfig | None = None, card: str | None = None,
-         dtype: torch.dtype = torch.bfloat16) -> Path:
-    """Write a checkpoint directory atomically: everything goes to a temp dir that is renamed into place."""
+         dtype: torch.dtype = torch.bfloat16, keep: tuple[str, ...] = ()) -> Path:
+    """Write a checkpoint directory atomically: everything goes to a temp dir that is renamed into place.
+    keep: files of an existing `out` carried into the new one (a hand-written README.md always is)."""
     if isinstance(model, Pretrained):
         net, tokenizer = model.net, tokenizer or model.tokenizer
         generation = generation or model.generation
     else:
         net = model
     out = Path(out)
-    with staged_dir(out, keep=("README.md",)) as tmp:  # keep a hand-written model card
+    with staged_dir(out, keep=("README.md", *keep)) as tmp:  # keep a hand-written model card
         state = {k: v.detach().to("cpu", dtype).contiguous() for k, v in net.state_dict().items()}
         if net.config.tie_embeddings:
             state.pop("lm_head.weight", None)

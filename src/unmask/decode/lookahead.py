@@ -40,9 +40,14 @@ if TYPE_CHECKING:
     from ..engine.request import Request
 
 
-def _guess(r: Request) -> tuple[int, int] | None:
-    """(position, token): the one open position of r's block and its draft, when r's next step can
-    carry a lookahead row; else None. (Only BlockExactPlan asks: block-causal, exact cache.)"""
+def _guess(r: Request, gate: float | None = None) -> list[tuple[int, int]] | None:
+    """[(position, token)]: the open positions of r's block and their drafts, when r's next step can
+    carry a lookahead row; else None. (Only BlockExactPlan asks: block-causal, exact cache.)
+
+    One open position: the next step is certain to end the block. Several (only with a `gate`): the
+    step ends the block only if the policy commits all of them, so the row is run only when the
+    previous forward was at least `gate` sure of every draft; when the step leaves one open, the
+    row is thrown away (a wasted row, not a wrong token)."""
     if not r.lookahead or r.draft is None:
         return None
     if r.step_in_block == 0 or r.span_idx + 1 >= len(r.spans):
@@ -50,29 +55,33 @@ def _guess(r: Request) -> tuple[int, int] | None:
     b, e = r.block
     block = r.canvas[b:e].tolist()
     open_ = [i for i, t in enumerate(block) if t == r.mask_id]
-    if len(open_) != 1:
+    if not open_:
         return None
-    guess = int(r.draft[open_[0]])
-    if guess in r.stop_ids or any(t in r.stop_ids for t in block):  # the request ends with this block
+    if len(open_) > 1 and (gate is None or r.draft_conf is None
+                           or not all(float(r.draft_conf[i]) >= gate for i in open_)):
         return None
-    return b + open_[0], guess
+    guess = [(b + i, int(r.draft[i])) for i in open_]
+    if any(t in r.stop_ids for _, t in guess) or any(t in r.stop_ids for t in block):
+        return None  # the request ends with this block
+    return guess
 
 
-def lookahead_row(r: Request) -> tuple[Window, torch.Tensor] | None:
-    """The lookahead row of r's next step, as (window, canvas with the draft filled in), or None
+def lookahead_row(r: Request, gate: float | None = None) -> tuple[Window, torch.Tensor] | None:
+    """The lookahead row of r's next step, as (window, canvas with the drafts filled in), or None
     when the step cannot carry one."""
-    g = _guess(r)
+    g = _guess(r, gate)
     if g is None:
         return None
     canvas = r.canvas.clone()
-    canvas[g[0]] = g[1]
+    for pos, tok in g:
+        canvas[pos] = tok
     b2, e2 = r.spans[r.span_idx + 1]
     return Window(r.cached, e2, e2, b2, e2), canvas
 
 
-def key_end(r: Request, w: Window) -> int:
+def key_end(r: Request, w: Window, gate: float | None = None) -> int:
     """The cache positions r's next step needs (its window w), a lookahead row included."""
-    if _guess(r) is None:
+    if _guess(r, gate) is None:
         return w.key_end
     return max(w.key_end, r.spans[r.span_idx + 1][1])
 

@@ -28,6 +28,9 @@ class BlockExactPlan(DecodePlan):
         self.decode_window = 2 * block_size + logit_shift
         # A lookahead step's ordinary row writes its keys to one scratch page: the window must fit.
         self.lookahead = logit_shift == 0
+        # None: look ahead from a block's last open position only; p: also from several, when the
+        # previous forward was at least p sure of each (decode/lookahead.py)
+        self.lookahead_gate: float | None = None
 
     @property
     def page_size(self) -> int:
@@ -45,11 +48,11 @@ class BlockExactPlan(DecodePlan):
 
     def key_end(self, r: Request) -> int:
         from .lookahead import key_end
-        return key_end(r, self.window(r))
+        return key_end(r, self.window(r), self.lookahead_gate)
 
     def extra_row(self, r: Request):
         from .lookahead import lookahead_row
-        return lookahead_row(r)
+        return lookahead_row(r, self.lookahead_gate)
 
     def after_forward(self, r: Request, w: Window) -> None:
         r.nfe += 1

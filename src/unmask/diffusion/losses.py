@@ -42,7 +42,7 @@ def _reduce(per_token: torch.Tensor, loss_positions: torch.Tensor | None) -> Los
     return LossOutput(loss, per_token.detach().sum(), int(loss_positions.sum()))
 
 
-def _diffusion_masks(x0, noise: Noise, schedule: Schedule, block_size, prompt_mask, estimator: str, eps: float):
+def diffusion_masks(x0, noise: Noise, schedule: Schedule, block_size, prompt_mask, estimator: str, eps: float):
     if estimator == "count":
         return _count_masks(noise, x0.shape[1], block_size, prompt_mask, eps)
     if estimator != "time":
@@ -88,8 +88,8 @@ def mdlm_loss(model, x0, noise: Noise, schedule: Schedule, mask_id: int, prompt_
     prompt_mask (B, L) bool marks SFT prompt tokens: never noised, no loss; each response is then
     normalised by its own length.
     """
-    masked, w = _diffusion_masks(x0, noise, schedule, None, prompt_mask, estimator, eps)
-    logits = align_logits(model(apply_mask(x0, masked, mask_id)), _logit_shift(model))
+    masked, w = diffusion_masks(x0, noise, schedule, None, prompt_mask, estimator, eps)
+    logits = mdlm_logits(model, x0, masked, mask_id)
     per = torch.where(masked, _masked_ce(logits, x0, mask_id) * w, 0.0)  # not `* masked`: inf * 0 = nan
     return _reduce(per, None if prompt_mask is None else ~prompt_mask)
 
@@ -143,11 +143,16 @@ def _unwrap(model):
     return model
 
 
-def bd3lm_loss(model, x0, noise: Noise, schedule: Schedule, mask_id: int, block_size: int,
-               prompt_mask=None, estimator: str = "time", eps: float = 1e-3) -> LossOutput:
-    """Block-diffusion NELBO: one t per block, one forward over `x_t ⊕ x_0` with the three-part mask."""
-    B, L = x0.shape
-    masked, w = _diffusion_masks(x0, noise, schedule, block_size, prompt_mask, estimator, eps)
+def mdlm_logits(model, x0, masked, mask_id: int) -> torch.Tensor:
+    """(B, L, V) logits of a full-attention model on x0 with `masked` positions masked, position i
+    scoring token i."""
+    return align_logits(model(apply_mask(x0, masked, mask_id)), _logit_shift(model))
+
+
+def bd3lm_logits(model, x0, masked, mask_id: int, block_size: int) -> torch.Tensor:
+    """(B, L, V) logits of a block-diffusion model: one forward over `x_t ⊕ x_0` with the three-part
+    mask, x_t being x0 with `masked` positions masked; position i scores token i."""
+    L = x0.shape[1]
     xt = apply_mask(x0, masked, mask_id)
     pos = torch.arange(L, device=x0.device).repeat(2)
     if x0.device.type == "cuda":
@@ -172,6 +177,22 @@ def bd3lm_loss(model, x0, noise: Noise, schedule: Schedule, mask_id: int, block_
         i = torch.arange(L, device=x0.device)
         src = torch.where(i % block_size == 0, L + i - 1, i - 1).clamp(min=0)
         logits = logits[:, src]
+    return logits
+
+
+def diffusion_logits(objective: str, model, x0, masked, mask_id: int, block_size: int) -> torch.Tensor:
+    if objective == "mdlm":
+        return mdlm_logits(model, x0, masked, mask_id)
+    if objective == "bd3lm":
+        return bd3lm_logits(model, x0, masked, mask_id, block_size)
+    raise ValueError(f"not a diffusion objective: {objective!r}")
+
+
+def bd3lm_loss(model, x0, noise: Noise, schedule: Schedule, mask_id: int, block_size: int,
+               prompt_mask=None, estimator: str = "time", eps: float = 1e-3) -> LossOutput:
+    """Block-diffusion NELBO: one t per block, one forward over `x_t ⊕ x_0` with the three-part mask."""
+    masked, w = diffusion_masks(x0, noise, schedule, block_size, prompt_mask, estimator, eps)
+    logits = bd3lm_logits(model, x0, masked, mask_id, block_size)
     per = torch.where(masked, _masked_ce(logits, x0, mask_id) * w, 0.0)  # not `* masked`: inf * 0 = nan
     return _reduce(per, None if prompt_mask is None else ~prompt_mask)
 

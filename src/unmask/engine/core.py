@@ -19,7 +19,7 @@ import torch
 
 from ..decode import make_plan
 from ..errors import UserError
-from ..sampling.policies import ENTROPY, LEFTMOST, MARGIN, StepParams, propose_batch, select_commits
+from ..sampling.policies import ENTROPY, LEARNED, LEFTMOST, MARGIN, StepParams, propose_batch, select_commits
 from . import cpu_linear
 from .cuda_graphs import GraphedForward
 from .kv_cache import PagedKVCache
@@ -70,7 +70,7 @@ class EngineCore:
     def __init__(self, model, *, max_batch: int = 16, kv_budget_tokens: int | None = None, cache: str = "auto",
                  refresh_interval: int | None = None, quantize: str | None = None, compile: bool = False,
                  cuda_graphs: bool = False, lookahead: bool = True, prefill_chunk: int | None = 2048,
-                 backend: str = "torch"):
+                 backend: str = "torch", lookahead_gate: float | None = None):
         self.model = model
         cfg = model.config
         if max_batch < 1:
@@ -111,6 +111,10 @@ class EngineCore:
         self.max_batch = max_batch
         # Lookahead rows (engine/lookahead.py) ride in free batch slots; a batch-1 engine gets one.
         self.lookahead = lookahead and plan.lookahead
+        if lookahead_gate is not None and not 0.0 <= lookahead_gate <= 1.0:
+            raise UserError(f"lookahead_gate must be in [0, 1] (or None), got {lookahead_gate}")
+        if self.lookahead:
+            plan.lookahead_gate = lookahead_gate
         self.max_rows = max(max_batch, 2) if self.lookahead else max_batch
         self.lookahead_rows = self.lookahead_hits = 0
         cache_obj = None
@@ -228,6 +232,7 @@ class EngineCore:
             top_p=torch.tensor([r.s.top_p for r in rows], dtype=torch.float64),
             # None when no row takes the leftmost fallback: select_commits then skips that part.
             fallback=torch.tensor(fallback) if LEFTMOST in fallback else None,
+            rule=self.model.commit_rule,
         )
         used = set(params.policy.tolist())
         if A == 0:  # only prefill chunks: nothing to score
@@ -235,15 +240,16 @@ class EngineCore:
             return self._apply(reqs, windows, ahead, canvases, empty.bool(), empty)
         prop = propose_batch(logits, self.mask_id, params.temperature, params.top_p,
                              [r.generator for r in rows], valid=valid.to(logits.device),
-                             need_margin=MARGIN in used, need_entropy=ENTROPY in used,
+                             need_margin=bool({MARGIN, LEARNED} & used), need_entropy=bool({ENTROPY, LEARNED} & used),
                              allowed=self._heal_constraint(reqs, windows[:n]))
         if plan.single_open:
             commit = masked  # one open position per row, always written: no ranking to do
         else:
             commit = select_commits(prop, masked.to(logits.device), params, used).cpu()
-        return self._apply(reqs, windows, ahead, canvases, commit, prop.tokens.cpu())
+        conf = prop.confidence.cpu() if self.lookahead else None
+        return self._apply(reqs, windows, ahead, canvases, commit, prop.tokens.cpu(), conf)
 
-    def _apply(self, reqs, windows, ahead, canvases, commit, tokens) -> list[TokenEvent]:
+    def _apply(self, reqs, windows, ahead, canvases, commit, tokens, conf=None) -> list[TokenEvent]:
         events = []
         for i, (r, w) in enumerate(zip(reqs, windows)):
             j = ahead.get(i)
@@ -252,6 +258,8 @@ class EngineCore:
                 self.plan.after_forward(r, w)
                 applied = self.plan.apply(r, w, commit[i], tokens[i], extra)
                 self.lookahead_hits += applied.extra_used
+                if conf is not None and r.draft is not None:  # the drafts' confidences (lookahead's gate)
+                    r.draft_conf = conf[j if applied.extra_used else i, : len(r.draft)]
                 events.append(TokenEvent(r, applied.committed, applied.done))
             except Exception as e:  # one request's failure must not take the others down
                 r.error = f"{type(e).__name__}: {e}"

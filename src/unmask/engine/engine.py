@@ -46,16 +46,19 @@ class Engine:
     def __init__(self, model, *, max_batch: int = 16, kv_budget_tokens: int | None = None, cache: str = "auto",
                  refresh_interval: int | None = None, quantize: str | None = None, compile: bool = False,
                  cuda_graphs: bool = False, lookahead: bool = True, prefill_chunk: int | None = 2048,
-                 backend: str = "torch"):
+                 backend: str = "torch", lookahead_gate: float | None = None):
         """prefill_chunk: a prompt longer than this is prefilled into the KV cache in chunks of about
         this many tokens (block- and causal-attention models) instead of one quadratic attention.
         backend: "torch", or "llama.cpp" (CPU; block-causal and causal models; needs the
         llama-cpp-python package): the forward runs on llama.cpp's library with weights in `quantize`
-        = None (f32), "f16" or "q8_0" (engine/llamacpp)."""
+        = None (f32), "f16" or "q8_0" (engine/llamacpp).
+        lookahead_gate: None looks ahead from a block's last open position only; p in [0, 1] also from
+        several open positions when the previous forward was at least p sure of each draft
+        (decode/lookahead.py; the tokens are the same, only the forwards change)."""
         self.core = EngineCore(model, max_batch=max_batch, kv_budget_tokens=kv_budget_tokens, cache=cache,
                                refresh_interval=refresh_interval, quantize=quantize, compile=compile,
                                cuda_graphs=cuda_graphs, lookahead=lookahead, prefill_chunk=prefill_chunk,
-                               backend=backend)
+                               backend=backend, lookahead_gate=lookahead_gate)
         self.processor = InputProcessor(self.core.model, needs_prompt=self.core.plan.needs_prompt,
                                         lookahead=self.core.lookahead)
         self._streams: dict[str, TextStream] = {}

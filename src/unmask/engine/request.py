@@ -71,6 +71,7 @@ class Request:
         self.cur = self.lo  # causal models: the next position to fill
         self.since_refresh = 0  # approximate caches: forwards since the last full refresh
         self.draft: torch.Tensor | None = None  # the last forward's proposals for the current block
+        self.draft_conf: torch.Tensor | None = None  # and their confidences
         self.spans = block_spans(self.lo, self.hi, self.s.block_size)
         self.span_idx = 0
         self.block_steps = steps_per_block([e - b for b, e in self.spans], self.s.steps)
@@ -86,7 +87,7 @@ class Request:
             self.schedule = num_transfer_tokens(e - b, self.block_steps[self.span_idx])
         self.step_in_block = 0
         self.since_refresh = 0
-        self.draft = None
+        self.draft = self.draft_conf = None
 
     @property
     def block(self) -> tuple[int, int]:

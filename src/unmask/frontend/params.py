@@ -10,7 +10,7 @@ from ..sampling.policies import FALLBACKS, POLICIES, validate_fallback, validate
 from ..sampling.reference import Settings, resolve_settings
 
 # The one parameter each policy takes, when neither the request nor generation_config sets it.
-POLICY_DEFAULTS = {"topk": 0.0, "threshold": 0.9, "factor": 1.0, "entropy": 0.1, "margin": 0.9}
+POLICY_DEFAULTS = {"topk": 0.0, "threshold": 0.9, "factor": 1.0, "entropy": 0.1, "margin": 0.9, "learned": 0.9}
 
 
 @dataclass
@@ -48,6 +48,9 @@ def resolve(model, params: SamplingParams, n_fixed: int) -> Resolved:
     gen = model.generation
     policy = params.policy if params.policy is not None else gen.policy
     validate_policy(policy, params.threshold)
+    if policy == "learned" and getattr(model, "commit_rule", None) is None:
+        raise UserError(f"the learned policy needs a commit rule stored with the model, and {model.path or 'this model'} "
+                        "has none; train one with `unmask commit-rule --model DIR`, or choose another policy")
     s = resolve_settings(model, n_fixed, max_tokens=params.max_tokens, steps=params.steps,
                          block_size=params.block_size, temperature=params.temperature, top_p=params.top_p,
                          policy=policy, policies=tuple(POLICIES))

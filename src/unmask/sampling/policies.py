@@ -30,8 +30,9 @@ import torch
 from ..errors import UserError
 from .noise import gumbel_argmax, top_p_filter
 
-POLICIES = {"topk": 0, "threshold": 1, "factor": 2, "entropy": 3, "margin": 4}
-TOPK, THRESHOLD, FACTOR, ENTROPY, MARGIN = (POLICIES[n] for n in ("topk", "threshold", "factor", "entropy", "margin"))
+POLICIES = {"topk": 0, "threshold": 1, "factor": 2, "entropy": 3, "margin": 4, "learned": 5}
+TOPK, THRESHOLD, FACTOR, ENTROPY, MARGIN, LEARNED = (
+    POLICIES[n] for n in ("topk", "threshold", "factor", "entropy", "margin", "learned"))
 # What a step commits when its rule picks no position (every policy but topk): the position the rule
 # ranks first (Fast-dLLM), or the leftmost masked one, i.e. the token an AR model would write next.
 FALLBACKS = {"best": 0, "leftmost": 1}
@@ -55,7 +56,7 @@ def validate_policy(name: str, threshold: float | None) -> None:
     if threshold is None or name == "topk":
         return
     t = float(threshold)
-    if name in ("threshold", "margin"):
+    if name in ("threshold", "margin", "learned"):
         if not 0 < t <= 1:  # also rejects NaN
             raise UserError(f"threshold must be in (0, 1] for the {name} policy, got {threshold}; "
                             "pass e.g. --threshold 0.9")
@@ -79,6 +80,7 @@ class StepParams:
     temperature: torch.Tensor  # (B,) float64
     top_p: torch.Tensor        # (B,) float64
     fallback: torch.Tensor | None = None  # (B,) int64 ids from FALLBACKS; None: "best" for every row
+    rule: object | None = None  # the model's CommitRule (sampling/commit_rule.py), for the learned policy
 
 
 @dataclass
@@ -174,6 +176,7 @@ def select_commits(prop: Proposal, masked: torch.Tensor, params: StepParams,
       factor    n = largest with c_j >= 1 - f/(j+1) for all j <= n (rank by confidence; j 1-indexed)
       entropy   n = largest with e_1 + ... + e_n <= gamma           (rank by entropy, ascending)
       margin    n = #{margin >= tau}                               (rank by margin)
+      learned   n = #{p_final >= tau}     (rank by p_final, the learned commit rule's score)
     then n is clipped to [1, n_masked] (every row with a masked position makes progress; one with none
     commits nothing). A row whose rule gave n = 0 commits the position ranked first, or, with the
     "leftmost" fallback (not for topk), its leftmost masked position instead. The rules are computed
@@ -185,6 +188,8 @@ def select_commits(prop: Proposal, masked: torch.Tensor, params: StepParams,
     B, T = masked.shape
     dev = masked.device
     used = set(POLICIES.values()) if used is None else set(used)
+    if params.rule is None:
+        used.discard(LEARNED)  # no rule to score with (requests cannot ask for it: frontend/params.py)
     if not used:
         return torch.zeros_like(masked)
     policy = params.policy.to(dev).view(B, 1)
@@ -211,10 +216,12 @@ def select_commits(prop: Proposal, masked: torch.Tensor, params: StepParams,
     def n_above(srt):
         return (in_range & (srt >= thr)).sum(-1)
 
-    scores = {"confidence": lambda: prop.confidence, "margin": lambda: prop.margin, "entropy": lambda: -prop.entropy}
+    scores = {"confidence": lambda: prop.confidence, "margin": lambda: prop.margin, "entropy": lambda: -prop.entropy,
+              "learned": lambda: params.rule.score(prop.confidence, prop.margin, prop.entropy, masked)}
     # policy id -> (the score it ranks by, n from the sorted scores)
     rules = {TOPK: ("confidence", lambda _: params.k.to(dev, torch.int64)), THRESHOLD: ("confidence", n_above),
-             FACTOR: ("confidence", n_factor), ENTROPY: ("entropy", n_entropy), MARGIN: ("margin", n_above)}
+             FACTOR: ("confidence", n_factor), ENTROPY: ("entropy", n_entropy), MARGIN: ("margin", n_above),
+             LEARNED: ("learned", n_above)}
     rankings: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
     n = order = None
     p = policy.view(B)

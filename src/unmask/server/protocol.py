@@ -42,7 +42,7 @@ class _Sampling(_Strict):
     # diffusion extensions
     steps: int | None = Field(None, ge=1, description="Diffusion steps in total (topk policy).")
     threshold: float | None = Field(None, description="The policy's parameter: tau, f or gamma.")
-    policy: Literal["topk", "threshold", "factor", "entropy", "margin"] | None = None
+    policy: Literal["topk", "threshold", "factor", "entropy", "margin", "learned"] | None = None
     fallback: Literal["best", "leftmost"] | None = Field(
         None, description="What a step commits when the policy picks no position: the one it ranks first, or "
                           "the leftmost masked one. Not for topk; default from the model.")

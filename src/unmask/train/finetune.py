@@ -75,6 +75,34 @@ def held_out_loss(net, examples: list[Example], cfg: FinetuneConfig, device, see
     return nll / max(tokens, 1)
 
 
+def optimize(net, params, train: list[Example], cfg: FinetuneConfig, steps: int, loss_fn, log=print
+             ) -> tuple[list[dict], float]:
+    """`steps` AdamW steps (warmup, cosine) on batches of `train` in a fresh seeded order every epoch;
+    loss_fn(examples, generator) -> LossOutput. Returns the logged history and the seconds spent."""
+    opt = torch.optim.AdamW(params, lr=cfg.learning_rate, betas=(0.9, 0.95), weight_decay=cfg.weight_decay)
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if net.rope_cos.is_cuda else contextlib.nullcontext()
+    batches, gen = _Batches(train, cfg.batch_size, cfg.seed), torch.Generator().manual_seed(cfg.seed + 1)
+    history, t0 = [], time.perf_counter()
+    net.train()
+    for step in range(steps):
+        lr = _lr(step, steps, cfg)
+        for g in opt.param_groups:
+            g["lr"] = lr
+        with autocast:
+            res = loss_fn(batches.next(), gen)
+        res.loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        loss = float(res.loss.detach())
+        if not math.isfinite(loss):
+            raise UserError(f"the loss became {loss} at step {step + 1}; lower --lr")
+        if (step + 1) % max(1, steps // 20) == 0 or step + 1 == steps:
+            history.append({"step": step + 1, "loss": loss, "lr": lr, "seconds": time.perf_counter() - t0})
+            log(f"step {step + 1}/{steps}: loss {loss:.4f}, lr {lr:.2e}")
+    return history, time.perf_counter() - t0
+
+
 def finetune(model_dir: str | Path | None, data: str | Path, out: str | Path, cfg: FinetuneConfig,
              device: str = "cpu", log=print) -> dict:
     from ..pretrained import load, save
@@ -103,9 +131,7 @@ def finetune(model_dir: str | Path | None, data: str | Path, out: str | Path, cf
     else:
         params = list(net.parameters())
     n_train = sum(p.numel() for p in params)
-    opt = torch.optim.AdamW(params, lr=cfg.learning_rate, betas=(0.9, 0.95), weight_decay=cfg.weight_decay)
     schedule = get_schedule(cfg.diffusion.schedule)
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if net.rope_cos.is_cuda else contextlib.nullcontext()
     before = held_out_loss(net, val, cfg, device)
     if skipped:
         log(f"finetune: left out {skipped} examples longer than {seq_len} tokens")
@@ -113,27 +139,8 @@ def finetune(model_dir: str | Path | None, data: str | Path, out: str | Path, cf
         f"{'LoRA rank ' + str(cfg.lora_rank) if cfg.lora else 'all weights'} ({n_train:,} trainable parameters)")
     if before is not None:
         log(f"held-out loss before: {before:.4f} nats/answer token")
-    batches, gen = _Batches(train, cfg.batch_size, cfg.seed), torch.Generator().manual_seed(cfg.seed + 1)
-    history, t0, answer_tokens = [], time.perf_counter(), 0
-    net.train()
-    for step in range(steps):
-        lr = _lr(step, steps, cfg)
-        for g in opt.param_groups:
-            g["lr"] = lr
-        with autocast:
-            res = _loss(net, batches.next(), gen, cfg, schedule, device)
-        res.loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        loss = float(res.loss.detach())
-        if not math.isfinite(loss):
-            raise UserError(f"the loss became {loss} at step {step + 1}; lower --lr")
-        answer_tokens += res.tokens
-        if (step + 1) % max(1, steps // 20) == 0 or step + 1 == steps:
-            history.append({"step": step + 1, "loss": loss, "lr": lr, "seconds": time.perf_counter() - t0})
-            log(f"step {step + 1}/{steps}: loss {loss:.4f}, lr {lr:.2e}")
-    seconds = time.perf_counter() - t0
+    history, seconds = optimize(net, params, train, cfg, steps,
+                                lambda batch, gen: _loss(net, batch, gen, cfg, schedule, device), log)
     after = held_out_loss(net, val, cfg, device)
     merged = merge_lora(net) if cfg.lora else 0
     net.eval()
