@@ -121,7 +121,7 @@ def test_distill_follows_the_teacher_in_fewer_forwards(tok, tmp_path, lora):
     assert tpf0 < 1.5 and tpf1 > 2 * tpf0 and same1 >= 6, (same0, tpf0, same1, tpf1)
 
 
-def test_reuses_trajectories_and_refuses_bad_input(tok, tmp_path):
+def test_reuses_trajectories_and_refuses_bad_input(tok, tmp_path, monkeypatch):
     src_dir = tmp_path / "base"
     unmask.save(small(tok), src_dir, dtype=torch.float32)
     traj = tmp_path / "t.jsonl"
@@ -134,7 +134,9 @@ def test_reuses_trajectories_and_refuses_bad_input(tok, tmp_path):
     assert (tmp_path / "out" / "trajectories.jsonl").read_text() == traj.read_text()
     with pytest.raises(UserError, match="already exists and is not empty"):
         distill(src_dir, tmp_path / "out", cfg, trajectories=traj, log=lambda *_: None)
-    with pytest.raises(UserError, match="needs --corpus DIR"):
+    import unmask.train.distill as D
+    monkeypatch.setattr(D, "default_corpus", lambda: None)
+    with pytest.raises(UserError, match="no corpus to draw prompts from: build one with `unmask data build"):
         distill(src_dir, tmp_path / "o2", cfg, log=lambda *_: None)
     traj.write_text('{"prompt": "x", "ids": [1]}\n')
     with pytest.raises(UserError, match=rf"{traj}:1: not a trajectory"):
@@ -172,3 +174,14 @@ def test_cli_errors_are_one_line(tmp_path, capsys):
     assert len(err) == 1 and err[0].startswith("unmask: error:")
     assert main(["distill", "--out", str(tmp_path / "o"), "--fim-frac", "2"]) == 2
     assert "fim_frac" in capsys.readouterr().err
+
+
+def test_the_readmes_corpus_is_found_by_default(tmp_path, monkeypatch):
+    from pathlib import Path
+
+    import unmask.train.distill as D
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr("unmask.pretrained.REPO_ROOT", tmp_path / "elsewhere")
+    assert D.default_corpus() is None
+    corpus(tmp_path / "corpus").rename(tmp_path / "corpus" / "default")
+    assert D.default_corpus() == Path("corpus/default")

@@ -108,7 +108,8 @@ def add_training_commands(sub) -> None:
                                    "(held-out tokens per forward and agreement with the teacher, before and after).")
     d.add_argument("--model", default=None, help="model directory to start from (default: the embedded model)")
     d.add_argument("--out", required=True, help="where to write the distilled model (a new directory)")
-    d.add_argument("--corpus", default=None, help="a built corpus (unmask data build); prompts come from its train split")
+    d.add_argument("--corpus", default=None, help="a built corpus (unmask data build); prompts come from its train split "
+                                              "(default: corpus/default, when built)")
     d.add_argument("--trajectories", default=None, help="reuse a trajectories.jsonl of an earlier run (no --corpus needed)")
     d.add_argument("--prompts", type=positive_int, default=None, help="teacher prompts (default 512)")
     d.add_argument("--fim-frac", type=float, default=None, help="share of fill-in-the-middle prompts (default 0.25)")

@@ -193,6 +193,16 @@ def decode_check(model, sources: list[Source], teacher: list[list[int]], cfg: Di
             "same_as_teacher": round(same / max(sum(len(t) for t in teacher), 1), 4)}
 
 
+def default_corpus() -> Path | None:
+    """corpus/default (where the README builds it), under the working directory or the repository."""
+    from ..pretrained import REPO_ROOT
+
+    for d in (Path("corpus/default"), REPO_ROOT / "corpus" / "default"):
+        if (d / "text" / "train.jsonl").is_file():
+            return d
+    return None
+
+
 def _trajectories(model, corpus, reuse, out: Path, cfg: DistillConfig, log) -> list[dict]:
     if reuse is not None:
         path = Path(reuse)
@@ -211,8 +221,10 @@ def _trajectories(model, corpus, reuse, out: Path, cfg: DistillConfig, log) -> l
         log(f"distill: {len(recs)} teacher trajectories from {path}")
         return recs
     if corpus is None:
-        raise UserError("unmask distill needs --corpus DIR (a built corpus; its train split gives the prompts) "
-                        "or --trajectories FILE")
+        corpus = default_corpus()
+    if corpus is None:
+        raise UserError("no corpus to draw prompts from: build one with `unmask data build --out corpus/default` "
+                        "(~3-5 min; it is then found by default), or pass --corpus DIR or --trajectories FILE")
     sources = draw_sources(corpus, cfg.prompts, cfg.fim_frac, cfg.prompt_chars, cfg.seed)
     log(f"distill: decoding {len(sources)} prompts one token per forward (the teacher), {cfg.max_tokens} tokens each")
     outs = decode(model, sources, cfg.max_tokens, cfg.concurrency, teacher=True, log=log)
