@@ -247,11 +247,32 @@ class EngineCore:
         else:
             commit = select_commits(prop, masked.to(logits.device), params, used).cpu()
         conf = prop.confidence.cpu() if self.lookahead else None
-        return self._apply(reqs, windows, ahead, canvases, commit, prop.tokens.cpu(), conf)
+        tokens = prop.tokens.cpu()
+        if any(r.constraint is not None for r in reqs):
+            commit, tokens = self._constrain(reqs, windows, logits, masked, commit, tokens)
+        return self._apply(reqs, windows, ahead, canvases, commit, tokens, conf)
+
+    def _constrain(self, reqs, windows, logits, masked, commit, tokens):
+        """The grammar stage (structured/stage.py) for the rows with a response format."""
+        from ..structured.stage import constrain
+
+        commit, tokens = commit.clone(), tokens.clone()
+        for i, (r, w) in enumerate(zip(reqs, windows)):
+            if r.constraint is not None:
+                try:
+                    commit[i], tokens[i] = constrain(r, w, logits[i], masked[i], commit[i], tokens[i], self.eos_id)
+                except Exception as e:  # this request fails alone; _apply reports it
+                    r.error = f"{type(e).__name__}: {e}"
+                    commit[i] = False
+        return commit, tokens
 
     def _apply(self, reqs, windows, ahead, canvases, commit, tokens, conf=None) -> list[TokenEvent]:
         events = []
         for i, (r, w) in enumerate(zip(reqs, windows)):
+            if r.error is not None:  # failed in the grammar stage
+                self.plan.after_forward(r, w)
+                events.append(TokenEvent(r, [], "error"))
+                continue
             j = ahead.get(i)
             extra = None if j is None else (windows[j], canvases[j], commit[j], tokens[j])
             try:

@@ -43,6 +43,7 @@ class Request:
     heal: str = ""  # prompt healing: the whitespace taken off the prompt, which the model rewrites
     heal_mask: torch.Tensor | None = None  # (vocab,) bool: the tokens allowed first (set iff heal)
     lookahead: bool = False  # may this request's steps carry a lookahead row (engine/lookahead.py)
+    constraint: object | None = None  # structured.state.GrammarState: the output's grammar (structured/stage.py)
     arrival: float = field(default_factory=time.perf_counter)
     # runtime state, reset on preemption
     pages: list[int] = field(default_factory=list)
@@ -72,6 +73,8 @@ class Request:
         self.since_refresh = 0  # approximate caches: forwards since the last full refresh
         self.draft: torch.Tensor | None = None  # the last forward's proposals for the current block
         self.draft_conf: torch.Tensor | None = None  # and their confidences
+        if self.constraint is not None:
+            self.constraint.reset()
         self.spans = block_spans(self.lo, self.hi, self.s.block_size)
         self.span_idx = 0
         self.block_steps = steps_per_block([e - b for b, e in self.spans], self.s.steps)

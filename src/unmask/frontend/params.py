@@ -32,6 +32,9 @@ class SamplingParams:
     # Prompt healing (engine/healing.py): a text prompt ending in a newline plus indentation is sent
     # without that whitespace and the model rewrites it; the text comes back relative to the prompt.
     heal: bool = True
+    # Structured output (unmask.structured): an OutputFormat, or OpenAI's response_format object
+    # ({"type": "json_schema", ...}, json_object) or our regex / choice / grammar types.
+    response_format: object | None = None
 
 
 @dataclass(frozen=True)

@@ -10,6 +10,8 @@ from .healing import ASCII_WHITESPACE, HealMasks, split_trailing_whitespace
 from .output import TextStream
 from .params import SamplingParams, resolve
 from .prompt import is_chat, layout_prompt
+from ..structured.formats import parse_response_format
+from ..structured.state import compile_format
 
 
 class InputProcessor:
@@ -24,7 +26,10 @@ class InputProcessor:
         model = self.model
         params = params or SamplingParams()
         ws = ""
-        if params.heal and isinstance(prompt, str):  # token ids and chats are taken as given
+        fmt = parse_response_format(params.response_format)
+        # A constrained output starts where the grammar says: no healing (its first token would be
+        # whitespace the grammar may not allow).
+        if params.heal and fmt is None and isinstance(prompt, str):  # token ids and chats are taken as given
             prompt, ws = split_trailing_whitespace(prompt, ASCII_WHITESPACE)
         head, tail = layout_prompt(model, prompt, params.suffix)
         s = resolve(model, params, len(head) + len(tail))
@@ -39,8 +44,10 @@ class InputProcessor:
         if heal_mask is None and ws:  # no token fits (not with a byte-level BPE): send it as given
             head, tail = layout_prompt(model, prompt + ws, params.suffix)
             s, ws = resolve(model, params, len(head) + len(tail)), ""
+        constraint = compile_format(model, fmt, s.max_tokens) if fmt is not None else None
         req = Request(request_id, head, tail, s, seed, params.stream_canvas, stop_ids,
-                      heal=ws, heal_mask=heal_mask, lookahead=self.lookahead and s.temperature == 0)
+                      heal=ws, heal_mask=heal_mask, lookahead=self.lookahead and s.temperature == 0 and fmt is None,
+                      constraint=constraint)
         return req, TextStream(model.tokenizer, ws, s.stop)
 
     def stop_ids(self, chat: bool) -> frozenset[int]:
