@@ -60,8 +60,10 @@ def run_arm(arm: str, evals, batch: int) -> dict:
         row.update(infill_pass=inf["pass_at_1"], infill_n=inf["n"], infill_em=inf["exact_match"],
                    infill_tpf=inf["tokens_per_forward"], infill_passed=[c["passed"] for c in inf["cases"]])
     if "lines" in evals:
-        ln, _ = evaluate_lines(model, dec, concurrency=batch)
-        row.update(lines_em=ln["exact_match"], lines_sim=ln["edit_similarity"], lines_tpf=ln["tokens_per_forward"])
+        ln, b = evaluate_lines(model, dec, concurrency=batch)
+        nfe = sum(c.nfe for c in b.completions)
+        row.update(lines_em=ln["exact_match"], lines_sim=ln["edit_similarity"],
+                   lines_tpf=sum(c.completion_tokens for c in b.completions) / nfe if nfe else 0.0)
     row["seconds"] = time.perf_counter() - t0
     return row
 

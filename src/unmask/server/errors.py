@@ -59,6 +59,8 @@ def _param_of(message: str) -> str | None:
     """Engine messages name the field they are about first (`max_tokens must ...`); point `param` at it."""
     if message.startswith(("the prompt", "prompt")):
         return "prompt"
+    if message.startswith("response_format"):
+        return message.split(" ", 1)[0].rstrip(":")
     for name in ("max_tokens", "threshold", "temperature", "top_p", "steps", "block_size", "stop", "suffix",
                  "messages"):
         if message.startswith(name):

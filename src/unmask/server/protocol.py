@@ -47,6 +47,10 @@ class _Sampling(_Strict):
         None, description="What a step commits when the policy picks no position: the one it ranks first, or "
                           "the leftmost masked one. Not for topk; default from the model.")
     block_size: int | None = Field(None, ge=1, description="Full-attention models only.")
+    response_format: dict | None = Field(
+        None, description="Structured output: OpenAI's {\"type\": \"json_schema\", \"json_schema\": {...}} or "
+                          "{\"type\": \"json_object\"}, or our {\"type\": \"regex\" | \"choice\" | \"grammar\", ...}; "
+                          "see docs/server.md.")
     diffusing: bool = Field(False, description="Stream the whole canvas at every step (needs stream).")
 
 
@@ -90,7 +94,6 @@ class ChatRequest(_Sampling):
     max_completion_tokens: int | None = Field(None, ge=1)
     logprobs: bool = False
     top_logprobs: int | None = None
-    response_format: dict | None = None
     tools: list[dict] | None = None
     tool_choice: str | dict | None = None
     parallel_tool_calls: bool | None = None
@@ -103,7 +106,6 @@ _NEUTRAL = {
     "echo": (False,), "logprobs": (None, False, 0), "best_of": (None, 1), "top_logprobs": (None, 0),
     "presence_penalty": (None, 0), "frequency_penalty": (None, 0), "logit_bias": (None, {}),
     "tools": (None, []), "tool_choice": (None, "none", "auto"), "parallel_tool_calls": (None, True, False),
-    "response_format": (None, {"type": "text"}),
 }
 
 

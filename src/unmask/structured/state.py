@@ -196,12 +196,15 @@ def compile_format(model, fmt: OutputFormat, max_tokens: int) -> GrammarState:
              "grammar": "response_format.grammar"}[fmt.kind]
     err = llguidance.LLMatcher.validate_grammar(grammar, vocab.ll)
     if err:
-        first = " ".join(err.strip().split("\n")[0].split())
+        lines = [" ".join(ln.split()) for ln in err.splitlines() if ln.strip()]
+        first = lines[0] + "".join(f" ({ln})" for ln in lines[1:] if ln.startswith("error:"))
         raise FormatError(f"{field} is not accepted by the grammar compiler: {first}")
     state = GrammarState(vocab, grammar, fmt)
     if state.matcher.is_error():
         raise FormatError(f"{field}: {state.matcher.get_error().splitlines()[0]}")
-    if not state.accepting and state.stopped:
+    first = state.allowed()
+    first[vocab.eos_id] = False
+    if not state.accepting and not first.any():
         raise FormatError(f"{field} matches no string at all; nothing can be generated under it")
     need = state.need()
     if need is None:
