@@ -162,3 +162,24 @@ def test_family_fixtures_give_valid_outputs(family):
     sel = [BY_NAME[n] for n in ("person", "matrix", "optional", "re_phone", "choice_lang")]
     rep = run_suite(model, max_tokens=48, selected=sel)
     assert rep["valid"] == len(sel), [(r["name"], r["problem"], r["text"]) for r in rep["rows"] if r["problem"]]
+
+
+# ---- the command line ----------------------------------------------------------------------------
+def test_generate_with_a_schema_file_and_one_line_errors(tmp_path):
+    from test_cli import cli_here
+
+    schema = tmp_path / "point.json"
+    schema.write_text(json.dumps({"type": "object", "properties": {"x": {"type": "integer"}, "y": {"type": "integer"}},
+                                  "required": ["x", "y"], "additionalProperties": False}))
+    r = cli_here("generate", "# a point\np = ", "--json-schema", str(schema), "--max-tokens", "24", "--json")
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout)
+    assert set(json.loads(out["text"])) == {"x", "y"} and out["finish_reason"] == "stop"
+    r = cli_here("generate", "ok = ", "--choice", "yes", "--choice", "no", "--json")
+    assert json.loads(r.stdout)["text"] in ("yes", "no")
+    for args, msg in ((["--json-schema", "{bad"], "--json-schema: neither a readable file nor valid JSON"),
+                      (["--regex", "(a"], "response_format.regex is not accepted"),
+                      (["--grammar", str(tmp_path / "none.lark")], "no such file"),
+                      (["--regex", "a", "--reference"], "drop --reference")):
+        r = cli_here("generate", "x = ", *args)
+        assert r.returncode == 2 and msg in r.stderr and r.stderr.count("\n") == 1, r.stderr

@@ -4,10 +4,11 @@ from .engine import Engine, RequestOutput, SamplingParams
 from .errors import UserError
 from .pretrained import Pretrained, load, save
 from .sampling import reference_generate
+from .structured import OutputFormat
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "Engine", "GenerationConfig", "ModelConfig", "Pretrained", "RequestOutput", "SamplingParams", "UserError",
+    "Engine", "GenerationConfig", "ModelConfig", "OutputFormat", "Pretrained", "RequestOutput", "SamplingParams", "UserError",
     "load", "reference_generate", "save",
 ]

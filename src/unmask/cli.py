@@ -10,6 +10,7 @@ from pathlib import Path
 
 from .cli_train import add_training_commands, positive_int as _positive_int
 from .errors import UserError
+from .structured.cli import add_arguments as structured_arguments
 
 # engine/quantize.py's MODES, spelled out so that `unmask --help` does not import torch (a test keeps
 # the two equal).
@@ -49,6 +50,8 @@ def cmd_generate(a) -> None:
     model = load(a.model)
     prompt = a.prompt if a.prompt != "-" else sys.stdin.read()
     if a.reference:
+        if a.json_schema is not None or a.json_object or a.regex is not None or a.choice or a.grammar is not None:
+            raise UserError("structured output (--json-schema, --regex, ...) runs on the engine; drop --reference")
         if a.fallback is not None:
             raise UserError("--fallback applies to the engine's policies; drop --reference or --fallback")
         if not a.lookahead:
@@ -67,11 +70,13 @@ def cmd_generate(a) -> None:
     else:
         from .engine import Engine, SamplingParams
 
+        from .structured.cli import from_args
+
         engine = Engine(model, max_batch=1, quantize=a.quantize, cache=a.cache, lookahead=a.lookahead,
                         backend=a.backend)
         params = SamplingParams(max_tokens=a.max_tokens, temperature=a.temperature, top_p=a.top_p, policy=a.policy,
                                 threshold=a.threshold, fallback=a.fallback, steps=a.steps, block_size=a.block_size,
-                                seed=a.seed, suffix=a.suffix, stop=a.stop, heal=a.heal)
+                                seed=a.seed, suffix=a.suffix, stop=a.stop, heal=a.heal, response_format=from_args(a))
         out = engine.generate([prompt], params)[0]
         stats = dict(text=out.text, completion_tokens=out.completion_tokens, nfe=out.nfe, seconds=out.seconds,
                      finish_reason=out.finish_reason, ttft=out.ttft)
@@ -286,6 +291,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--no-lookahead", dest="lookahead", action="store_false", help=LOOKAHEAD_HELP)
     g.add_argument("--reference", action="store_true", help="use the slow reference sampler instead of the engine")
     g.add_argument("--json", action="store_true", help="print one JSON object")
+    structured_arguments(g)
     g.set_defaults(func=cmd_generate)
 
     sv = sub.add_parser("serve", help="OpenAI-compatible HTTP server, with the playground at /")

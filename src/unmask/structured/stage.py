@@ -35,12 +35,7 @@ def _choose(r, logits: torch.Tensor, allowed: torch.Tensor) -> int:
 
 def _fits(g, token: int, room: int) -> bool:
     """After `token`, can the output still be finished in `room` positions (EOS included)?"""
-    g.consume(token)
-    try:
-        need = g.need()
-    finally:
-        g.matcher.rollback(1)
-        g.consumed -= 1
+    need = g.need_after(token)
     return need is not None and need <= room
 
 

@@ -84,11 +84,14 @@ class GrammarState:
         self.vocab, self.grammar, self.format = vocab, grammar, fmt
         self.matcher = llguidance.LLMatcher(vocab.ll, grammar, log_level=0)
         self.consumed = 0
+        self._need: tuple[int, int | None] | None = None  # (consumed, need) for the current state
+        self._after: tuple[int, int, int | None] | None = None  # (consumed, token, need after it)
 
     def reset(self) -> None:
         """Back to the start (the request was preempted and restarts from an empty canvas)."""
         self.matcher.reset()
         self.consumed = 0
+        self._need = self._after = None
 
     # ---- what the grammar allows -----------------------------------------------------------------
     @property
@@ -119,6 +122,10 @@ class GrammarState:
     def consume(self, token: int) -> None:
         if not self.matcher.consume_token(int(token)):
             raise RuntimeError(f"grammar rejected token {token}: {self.matcher.get_error()}")
+        after = self._after
+        self._need = (self.consumed + 1, after[2]) if after is not None and after[:2] == (self.consumed, int(token)) \
+            else None
+        self._after = None
         self.consumed += 1
 
     # ---- finishing ------------------------------------------------------------------------------
@@ -144,16 +151,21 @@ class GrammarState:
                 path += ff
                 seen.add(m.compute_bitmask())
                 continue
-            ok = _bits(m.compute_bitmask(), n)
+            here = m.compute_bitmask()
+            ok = _bits(here, n)
             ok[eos] = False
             allowed = order[ok[order]]
             if not len(allowed):
                 return None
-            _, first_of = np.unique(self.vocab.group[allowed], return_index=True)
-            cands = allowed[np.sort(first_of)][:CANDIDATES]
-            here = m.compute_bitmask()
             pick = changed = None  # the first novel candidate; the first that changes the allowed set at all
-            for t in cands.tolist():
+            groups, tried, reps = self.vocab.group, set(), []
+            for t in allowed:
+                g = groups[t]
+                if g in tried:
+                    continue
+                tried.add(g)
+                t = int(t)
+                reps.append(t)
                 if not m.consume_token(t):
                     return None
                 after = m.compute_bitmask()
@@ -164,8 +176,10 @@ class GrammarState:
                     break
                 if changed is None and after != here:
                     changed = t
+                if len(tried) >= CANDIDATES:
+                    break
             if pick is None:
-                pick = changed if changed is not None else min(cands.tolist(), key=path.count)
+                pick = changed if changed is not None else min(reps, key=path.count)
             if not m.consume_token(pick):
                 return None
             seen.add(m.compute_bitmask())
@@ -173,11 +187,33 @@ class GrammarState:
         return None
 
     def need(self, limit: int = 512) -> int | None:
-        """Positions this output still needs at least (the closing walk plus EOS); None: unknown."""
+        """Positions this output still needs (the closing walk plus EOS); None: no walk found."""
+        if self._need is not None and self._need[0] == self.consumed:
+            return self._need[1]
         if self.accepting:
-            return 1
-        path = self.closing(limit)
-        return None if path is None else len(path) + 1
+            value = 1
+        else:
+            path = self.closing(limit)
+            value = None if path is None else len(path) + 1
+        self._need = (self.consumed, value)
+        return value
+
+    def need_after(self, token: int) -> int | None:
+        """need() once `token` is consumed (the state is left as it was; consuming `token` next
+        reuses the answer)."""
+        if not self.matcher.consume_token(int(token)):
+            raise RuntimeError(f"grammar rejected token {token}: {self.matcher.get_error()}")
+        m, saved = self.matcher, self._need
+        self.consumed += 1
+        self._need = None
+        try:
+            value = self.need()
+        finally:
+            m.rollback(1)
+            self.consumed -= 1
+            self._need = saved
+        self._after = (self.consumed, int(token), value)
+        return value
 
 
 def compile_format(model, fmt: OutputFormat, max_tokens: int) -> GrammarState:
