@@ -169,6 +169,24 @@ class ModelConfig(ArchConfig):
         return self
 
 
+class DecodingPreset(Strict):
+    """What a `reasoning_effort` level means for a model (None: the model's default for that field)."""
+
+    policy: str | None = None
+    threshold: float | None = None
+    fallback: Literal["best", "leftmost"] | None = None
+    steps: int | None = None
+
+
+EFFORTS = ("instant", "low", "medium", "high")
+# Used for a level a model's generation_config.json does not define: faster to more careful commits
+# (threshold policy, which every family decodes with); "medium" is the model's own default.
+DEFAULT_PRESETS = {"instant": DecodingPreset(policy="threshold", threshold=0.5),
+                   "low": DecodingPreset(policy="threshold", threshold=0.6),
+                   "medium": DecodingPreset(),
+                   "high": DecodingPreset(policy="threshold", threshold=0.9)}
+
+
 class GenerationConfig(Strict):
     """Defaults for decoding, stored as `generation_config.json` beside the weights."""
 
@@ -185,6 +203,12 @@ class GenerationConfig(Strict):
     # How a block or causal model is shown a fill-in-the-middle request: the layout it was trained
     # on (data.fim_layout; train/batches.py FimSpec has both).
     fim_layout: Literal["psm", "spm"] = "psm"
+    # reasoning_effort (Mercury's instant / low / medium / high) -> decoding settings; levels left
+    # out take DEFAULT_PRESETS.
+    presets: dict[Literal["instant", "low", "medium", "high"], DecodingPreset] = Field(default_factory=dict)
+
+    def preset(self, effort: str) -> DecodingPreset:
+        return self.presets.get(effort, DEFAULT_PRESETS[effort])
 
 
 class DataConfig(Strict):

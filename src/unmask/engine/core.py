@@ -19,6 +19,7 @@ import torch
 
 from ..decode import make_plan
 from ..errors import UserError
+from ..sampling.penalties import penalise
 from ..sampling.policies import ENTROPY, LEARNED, LEFTMOST, MARGIN, StepParams, propose_batch, select_commits
 from . import cpu_linear
 from .cuda_graphs import GraphedForward
@@ -238,10 +239,12 @@ class EngineCore:
         if A == 0:  # only prefill chunks: nothing to score
             empty = torch.zeros(B, 0, dtype=torch.long)
             return self._apply(reqs, windows, ahead, canvases, empty.bool(), empty)
+        logits = penalise(logits, rows, self.mask_id)  # repetition / presence / frequency, where asked
+        top_k = [r.s.top_k for r in rows]
         prop = propose_batch(logits, self.mask_id, params.temperature, params.top_p,
                              [r.generator for r in rows], valid=valid.to(logits.device),
                              need_margin=bool({MARGIN, LEARNED} & used), need_entropy=bool({ENTROPY, LEARNED} & used),
-                             allowed=self._heal_constraint(reqs, windows[:n]))
+                             allowed=self._heal_constraint(reqs, windows[:n]), top_k=top_k if any(top_k) else None)
         if plan.single_open:
             commit = masked  # one open position per row, always written: no ranking to do
         else:

@@ -35,6 +35,13 @@ class SamplingParams:
     # Structured output (unmask.structured): an OutputFormat, or OpenAI's response_format object
     # ({"type": "json_schema", ...}, json_object) or our regex / choice / grammar types.
     response_format: object | None = None
+    # Mercury's reasoning_effort: "instant", "low", "medium" or "high" -> the model's decoding preset
+    # (generation_config.json `presets`); an explicit policy / threshold / fallback / steps wins.
+    reasoning_effort: str | None = None
+    top_k: int | None = None  # sampling: keep the k most likely tokens (None, 0 or -1: all)
+    repetition_penalty: float | None = None  # CTRL's: logits of tokens in the prompt or output / by it (> 0)
+    presence_penalty: float | None = None  # OpenAI's: minus this for each token already in the output
+    frequency_penalty: float | None = None  # OpenAI's: minus this x the times a token is in the output
 
 
 @dataclass(frozen=True)
@@ -45,10 +52,52 @@ class Resolved(Settings):
     threshold: float = 0.0
     stop: tuple[str, ...] = field(default_factory=tuple)
     fallback_id: int = 0
+    top_k: int = 0
+    repetition_penalty: float = 1.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+
+    @property
+    def penalised(self) -> bool:
+        return self.repetition_penalty != 1.0 or self.presence_penalty != 0.0 or self.frequency_penalty != 0.0
+
+
+def _effort(model, params: SamplingParams) -> SamplingParams:
+    """params with the reasoning_effort preset filled in where the request left a field unset."""
+    from ..config import EFFORTS
+
+    effort = params.reasoning_effort
+    if effort is None:
+        return params
+    if effort not in EFFORTS:
+        raise UserError(f"reasoning_effort {effort!r}: choose one of {', '.join(EFFORTS)}")
+    p = model.generation.preset(effort)
+    return dataclasses.replace(params, policy=params.policy if params.policy is not None else p.policy,
+                               threshold=params.threshold if params.threshold is not None else p.threshold,
+                               fallback=params.fallback if params.fallback is not None else p.fallback,
+                               steps=params.steps if params.steps is not None else p.steps)
+
+
+def _penalties(params: SamplingParams) -> dict:
+    top_k = params.top_k if params.top_k is not None else 0
+    if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < -1:
+        raise UserError(f"top_k must be an integer >= 1 (or 0 / -1: no cut-off), got {params.top_k!r}")
+    rep = 1.0 if params.repetition_penalty is None else float(params.repetition_penalty)
+    if not 0 < rep < float("inf"):
+        raise UserError(f"repetition_penalty must be a finite number > 0 (1 = off), got {params.repetition_penalty}")
+    out = {"top_k": max(top_k, 0), "repetition_penalty": rep}
+    for name in ("presence_penalty", "frequency_penalty"):
+        v = getattr(params, name)
+        v = 0.0 if v is None else float(v)
+        if not -2.0 <= v <= 2.0:
+            raise UserError(f"{name} must be between -2 and 2, got {v}")
+        out[name] = v
+    return out
 
 
 def resolve(model, params: SamplingParams, n_fixed: int) -> Resolved:
     gen = model.generation
+    params = _effort(model, params)
     policy = params.policy if params.policy is not None else gen.policy
     validate_policy(policy, params.threshold)
     if policy == "learned" and getattr(model, "commit_rule", None) is None:
@@ -78,4 +127,4 @@ def resolve(model, params: SamplingParams, n_fixed: int) -> Resolved:
     if any(x == "" for x in stop):
         raise UserError("stop strings must not be empty")
     return Resolved(s.max_tokens, s.steps, s.block_size, s.temperature, s.top_p, policy, POLICIES[policy],
-                    threshold, stop, FALLBACKS[fallback])
+                    threshold, stop, FALLBACKS[fallback], **_penalties(params))

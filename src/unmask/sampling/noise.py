@@ -29,6 +29,15 @@ def forbid_token(logits: torch.Tensor, token_id: int) -> torch.Tensor:
     return out
 
 
+def top_k_filter(logits: torch.Tensor, k: int) -> torch.Tensor:
+    """Keep the k largest logits (ties to the lower id) and set the others to -inf; k <= 0 keeps all."""
+    if k <= 0 or k >= logits.shape[-1]:
+        return logits
+    keep = logits.topk(k, dim=-1, sorted=False).indices
+    out = torch.full_like(logits, float("-inf"))
+    return out.scatter(-1, keep, logits.gather(-1, keep))
+
+
 def top_p_filter(logits: torch.Tensor, p: float) -> torch.Tensor:
     """Nucleus filtering: keep the smallest set of most likely tokens whose probability reaches `p`
     and set the others to -inf. The most likely token is always kept; equal logits are ranked by

@@ -28,7 +28,7 @@ from dataclasses import dataclass
 import torch
 
 from ..errors import UserError
-from .noise import gumbel_argmax, top_p_filter
+from .noise import gumbel_argmax, top_k_filter, top_p_filter
 
 POLICIES = {"topk": 0, "threshold": 1, "factor": 2, "entropy": 3, "margin": 4, "learned": 5}
 TOPK, THRESHOLD, FACTOR, ENTROPY, MARGIN, LEARNED = (
@@ -97,7 +97,8 @@ class Proposal:
 def propose_batch(logits: torch.Tensor, mask_id: int, temperature: torch.Tensor, top_p: torch.Tensor,
                   generators: Sequence[torch.Generator | None], valid: torch.Tensor | None = None,
                   need_margin: bool = True, need_entropy: bool = True,
-                  allowed: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None) -> Proposal:
+                  allowed: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
+                  top_k: Sequence[int] | None = None) -> Proposal:
     """Candidate tokens and their statistics for a batch of windows.
 
     logits: (B, T, V), any float dtype (computed in float64). temperature, top_p: (B,) (tensors or
@@ -110,6 +111,7 @@ def propose_batch(logits: torch.Tensor, mask_id: int, temperature: torch.Tensor,
     allowed: optional (rows, cols, ok): at logits[rows[j], cols[j]] only the tokens where ok[j] (V,)
     is True may be proposed (a logit mask applied before everything else, so the statistics describe
     the constrained distribution). The engine uses it for prompt healing's first position.
+    top_k: optional (B,) ints: a sampling row keeps only its k most likely tokens before top-p (0: all).
 
     Greedy rows (temperature 0) take the argmax (ties to the lowest id; top-p cannot change it) and
     never loop in Python. Sampling rows are looped over: top-p filter, then the Gumbel-max in float64,
@@ -141,6 +143,8 @@ def propose_batch(logits: torch.Tensor, mask_id: int, temperature: torch.Tensor,
             row = lg[r] if pos is None else lg[r, pos]
             if row.shape[0] == 0:
                 continue
+            if top_k is not None and top_k[r] > 0:
+                row = top_k_filter(row, int(top_k[r]))
             picked = gumbel_argmax(top_p_filter(row, float(p_cpu[r])), float(temp[r]), generators[r])
             if pos is None:
                 tokens[r] = picked

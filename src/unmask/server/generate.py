@@ -17,7 +17,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from ..engine import SamplingParams
 from .errors import APIError, as_api_error, error_body
-from .protocol import unsupported
+from .protocol import ignored, unsupported
 from ..structured import FormatError, parse_response_format
 
 MASK_PLACEHOLDER = "\u2591"  # what a still-masked position looks like in `canvas.text`
@@ -75,7 +75,9 @@ def sampling_params(body, max_tokens: int | None, suffix: str | None) -> Samplin
                           policy=body.policy, threshold=body.threshold, fallback=body.fallback, steps=body.steps,
                           block_size=body.block_size, stop=body.stop, seed=body.seed, suffix=suffix,
                           stream_canvas=body.diffusing, heal=getattr(body, "heal", True),
-                          response_format=parse_format(body.response_format))
+                          response_format=parse_format(body.response_format), reasoning_effort=body.reasoning_effort,
+                          top_k=body.top_k, repetition_penalty=body.repetition_penalty,
+                          presence_penalty=body.presence_penalty, frequency_penalty=body.frequency_penalty)
 
 
 async def run(request: Request, state, kind: str, body, prompt, suffix: str | None, max_tokens: int | None):
@@ -94,14 +96,16 @@ async def run(request: Request, state, kind: str, body, prompt, suffix: str | No
     try:
         want = "all" if body.diffusing else "delta" if body.stream else "final"
         q = await state.bridge.submit(job.rid, prompt, sampling_params(body, max_tokens, suffix), want)
+        skipped = ignored(body)
+        headers = {"X-Unmask-Ignored": ", ".join(skipped)} if skipped else None
         if body.stream:
             handed_off = True
-            return _SSE(_stream(job, q, state), lambda: _cleanup(job, state))
+            return _SSE(_stream(job, q, state), lambda: _cleanup(job, state), headers)
         try:
             out = await _collect(job, q, request, state)
         except ClientGone:
             return Response(status_code=499)  # nobody reads it; keeps the access log honest
-        return JSONResponse(_final(job, out, state))
+        return JSONResponse(_final(job, out, state), headers=headers)
     except Exception as e:  # CancelledError is not an Exception: it passes through untouched
         raise as_api_error(e) from None
     finally:
@@ -181,9 +185,9 @@ def _final(job: Job, out, state) -> dict:
 class _SSE(StreamingResponse):
     """Runs `cleanup` however the response ends: finished, client gone, or never started."""
 
-    def __init__(self, gen, cleanup):
+    def __init__(self, gen, cleanup, headers: dict | None = None):
         super().__init__(gen, media_type="text/event-stream",
-                         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+                         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no", **(headers or {})})
         self._cleanup = cleanup
 
     async def __call__(self, scope, receive, send):

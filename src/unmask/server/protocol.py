@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 Seed = Annotated[int, Field(ge=-(2**63), le=2**63 - 1)]
 Stop = str | Annotated[list[str], Field(max_length=16)] | None
@@ -26,6 +26,16 @@ class StreamOptions(_Strict):
 class _Sampling(_Strict):
     """Fields shared by every generation endpoint."""
 
+    @model_validator(mode="before")
+    @classmethod
+    def _merge_extra_body(cls, data):
+        """Inception's client sends `extra_params` as a JSON object `extra_body`: its entries are
+        taken as request fields (validated like any other; the request's own fields win)."""
+        if isinstance(data, dict) and isinstance(data.get("extra_body"), dict):
+            extra = data["extra_body"]
+            data = {**extra, **{k: v for k, v in data.items() if k != "extra_body"}}
+        return data
+
     model: str | None = Field(None, description="The served model's id (see /v1/models); optional.")
     max_tokens: int | None = Field(None, ge=1, description="Tokens to generate (the canvas length).")
     temperature: float | None = Field(None, ge=0, description="0 is greedy; default from the model.")
@@ -36,9 +46,23 @@ class _Sampling(_Strict):
     stop: Stop = None
     seed: Seed | None = None
     user: str | None = None
-    presence_penalty: float | None = None
-    frequency_penalty: float | None = None
+    presence_penalty: float | None = Field(None, ge=-2, le=2, description="Minus this for tokens already in the output.")
+    frequency_penalty: float | None = Field(None, ge=-2, le=2, description="Minus this x each token's count in the output.")
+    repetition_penalty: float | None = Field(None, gt=0, description="CTRL's: prompt and output tokens' logits / by it.")
+    top_k: int | None = Field(None, ge=-1, description="Sampling: the k most likely tokens only (-1 or 0: all).")
     logit_bias: dict[str, float] | None = None
+    reasoning_effort: Literal["instant", "low", "medium", "high"] | None = Field(
+        None, description="Mercury's: a decoding preset of the model (generation_config.json presets), from the "
+                          "fastest commits (instant) to the most careful (high).")
+    # Accepted and ignored (each named in the X-Unmask-Ignored response header when sent): hints about
+    # scheduling, caching and reasoning summaries that do not change what this server writes.
+    realtime: bool | None = None
+    service_tier: str | None = None
+    prediction: dict | None = None
+    prompt_cache_key: str | None = None
+    safety_identifier: str | None = None
+    verbosity: str | None = None
+    modalities: list[Literal["text"]] | None = Field(None, description="Only [\"text\"]: this server writes text.")
     # diffusion extensions
     steps: int | None = Field(None, ge=1, description="Diffusion steps in total (topk policy).")
     threshold: float | None = Field(None, description="The policy's parameter: tau, f or gamma.")
@@ -99,14 +123,26 @@ class ChatRequest(_Sampling):
     parallel_tool_calls: bool | None = None
     metadata: dict[str, str] | None = None
     store: bool | None = None
+    reasoning_summary: bool | None = None
+    reasoning_summary_wait: bool | None = None
 
 
 # field -> the values that mean "not used", which we accept and ignore
 _NEUTRAL = {
     "echo": (False,), "logprobs": (None, False, 0), "best_of": (None, 1), "top_logprobs": (None, 0),
-    "presence_penalty": (None, 0), "frequency_penalty": (None, 0), "logit_bias": (None, {}),
+    "logit_bias": (None, {}),
     "tools": (None, []), "tool_choice": (None, "none", "auto"), "parallel_tool_calls": (None, True, False),
 }
+
+
+# Fields we accept without acting on them; a request that sends one is answered with the header
+# X-Unmask-Ignored naming them (docs/server.md has the table).
+IGNORED = ("realtime", "service_tier", "prediction", "prompt_cache_key", "safety_identifier", "verbosity",
+           "reasoning_summary", "reasoning_summary_wait", "metadata", "store", "user")
+
+
+def ignored(req: BaseModel) -> list[str]:
+    return [f for f in IGNORED if f in req.model_fields_set and getattr(req, f) is not None]
 
 
 def unsupported(req: BaseModel) -> str | None:
