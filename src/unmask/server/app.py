@@ -24,10 +24,12 @@ from .. import __version__
 from ..engine import Engine
 from . import errors
 from .bridge import EngineBridge
-from .errors import error_response
+from .errors import APIError, error_response
 from .generate import run
 from .metrics import Metrics
-from .protocol import ChatRequest, CompletionRequest, ErrorResponse, FimRequest, chat_messages
+from .protocol import ChatRequest, CompletionRequest, EditRequest, ErrorResponse, FimRequest, chat_messages
+from ..errors import UserError
+from ..frontend.edit import edit_task, parse_edit
 
 log = logging.getLogger("unmask.server")
 STATIC = Path(__file__).parent / "static"
@@ -191,6 +193,16 @@ def create_app(model, cfg: ServerConfig | None = None, engine: Engine | None = N
     @app.post("/v1/fim/completions", responses=ERRORS)
     async def fim_completions(request: Request, body: FimRequest):
         return await run(request, st, "completion", body, body.prompt, body.suffix, body.max_tokens)
+
+    @app.post("/v1/edit/completions", responses=ERRORS)
+    async def edit_completions(request: Request, body: EditRequest):
+        content = body.messages[0].content
+        text = content if isinstance(content, str) else "".join(p.text for p in content)
+        try:
+            prefix, suffix = edit_task(parse_edit(text))
+        except UserError as e:
+            raise APIError(400, str(e), "messages", "invalid_value") from None
+        return await run(request, st, "edit", body, prefix, suffix, body.max_tokens)
 
     @app.get("/", include_in_schema=False)
     async def playground():

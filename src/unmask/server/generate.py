@@ -87,7 +87,7 @@ async def run(request: Request, state, kind: str, body, prompt, suffix: str | No
     if state.pending >= state.max_pending:
         raise APIError(429, f"the server is at capacity ({state.pending} requests in flight); retry shortly",
                        None, "rate_limit_exceeded", {"Retry-After": "1"})
-    prefix = "chatcmpl" if kind == "chat" else "cmpl"
+    prefix = {"chat": "chatcmpl", "edit": "edit"}.get(kind, "cmpl")
     job = Job(kind, f"{prefix}-{uuid.uuid4().hex}", int(time.time()), state.model_name, body.stream,
               bool(body.stream_options and body.stream_options.include_usage),
               time.monotonic() + state.request_timeout)
@@ -170,14 +170,17 @@ def stats(out) -> dict:
             "tokens_per_second": round(out.completion_tokens / out.seconds, 3) if out.seconds > 0 else 0.0}
 
 
+OBJECTS = {"chat": ("chat.completion", "chat.completion.chunk"), "edit": ("edit.completion", "edit.completion.chunk"),
+           "completion": ("text_completion", "text_completion")}
+
+
 def _final(job: Job, out, state) -> dict:
-    if job.kind == "chat":
+    if job.kind in ("chat", "edit"):
         choice = {"index": 0, "message": {"role": "assistant", "content": out.text},
                   "finish_reason": out.finish_reason, "logprobs": None}
     else:
         choice = {"index": 0, "text": out.text, "finish_reason": out.finish_reason, "logprobs": None}
-    return {"id": job.rid, "object": "chat.completion" if job.kind == "chat" else "text_completion",
-            "created": job.created, "model": job.model, "system_fingerprint": None, "choices": [choice],
+    return {"id": job.rid, "object": OBJECTS[job.kind][0], "created": job.created, "model": job.model, "system_fingerprint": None, "choices": [choice],
             "usage": usage(out), "stats": stats(out)}
 
 
@@ -227,13 +230,13 @@ async def _stream(job: Job, q: asyncio.Queue, state):
 
 
 def _head(job: Job) -> dict:
-    return {"id": job.rid, "object": "chat.completion.chunk" if job.kind == "chat" else "text_completion",
+    return {"id": job.rid, "object": OBJECTS[job.kind][1],
             "created": job.created, "model": job.model, "system_fingerprint": None}
 
 
 def _chunk(job: Job, ev, state) -> dict:
     reason = ev.output.finish_reason if ev.finished else None
-    if job.kind == "chat":
+    if job.kind in ("chat", "edit"):
         delta = {"content": ev.delta}
         if not job.role_sent:
             delta, job.role_sent = {"role": "assistant", "content": ev.delta}, True

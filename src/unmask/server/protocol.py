@@ -127,6 +127,18 @@ class ChatRequest(_Sampling):
     reasoning_summary_wait: bool | None = None
 
 
+class EditMessage(_Strict):
+    role: Literal["user"]
+    content: str | list[ContentPart]
+
+
+class EditRequest(_Sampling):
+    """Inception Mercury's /v1/edit/completions: one user message with the tagged next-edit sections
+    (frontend/edit.py); the answer is the code_to_edit region rewritten."""
+
+    messages: Annotated[list[EditMessage], Field(min_length=1, max_length=1)]
+
+
 # field -> the values that mean "not used", which we accept and ignore
 _NEUTRAL = {
     "echo": (False,), "logprobs": (None, False, 0), "best_of": (None, 1), "top_logprobs": (None, 0),

@@ -6,7 +6,10 @@ One JSON object per line, in one of these shapes:
   prompt answered by the assistant;
 - `{"messages": [..., {"role": "assistant", "content": str}]}`: a chat whose last turn is the answer;
 - `{"prefix": str, "suffix": str, "middle": str}`: fill-in-the-middle, in the model's FIM layout;
-- `{"text": str}`: plain text, every token learned.
+- `{"text": str}`: plain text, every token learned;
+- `{"messages": [{"role": "user", "content": NEXT-EDIT SECTIONS}, {"role": "assistant", "content": str}]}`:
+  an edit example in Mercury's `/v1/edit/completions` shape (frontend/edit.py): laid out as the server
+  lays out that request, an infilling task whose middle is the rewritten region (the answer).
 
 Examples are laid out exactly as the engine lays out the same request (`frontend/prompt.py`), with
 prompt healing's split (a prompt ending in a newline plus indentation gives that whitespace to the
@@ -64,6 +67,9 @@ def encode_example(model, rec, where: str) -> tuple[list[int], list[int]]:
             prompt, answer = msgs[:-1], msgs[-1].get("content")
             if not isinstance(answer, str):
                 raise UserError(f"{where}: the assistant turn's content must be a string")
+            if len(prompt) == 1 and isinstance(prompt[0].get("content"), str) \
+                    and "<|code_to_edit|>" in prompt[0]["content"]:
+                return _edit_example(model, prompt[0]["content"], answer, where)
         else:
             prompt, answer = rec["prompt"], _str(rec, "completion", where)
         try:
@@ -79,6 +85,18 @@ def encode_example(model, rec, where: str) -> tuple[list[int], list[int]]:
             raise UserError(f"{where}: {e}") from None
         return head, tok.encode(answer, allow_special=False) + [tok.end_id]
     raise UserError(f"{where}: unrecognised keys {sorted(keys)}; each line must be one of {SHAPES}")
+
+
+def _edit_example(model, content: str, answer: str, where: str) -> tuple[list[int], list[int]]:
+    from ..frontend.edit import edit_task, parse_edit
+
+    try:
+        prefix, suffix = edit_task(parse_edit(content))
+    except UserError as e:
+        raise UserError(f"{where}: {e}") from None
+    prefix, ws = split_trailing_whitespace(prefix, ASCII_WHITESPACE)
+    head, _ = layout_prompt(model, prefix, suffix)
+    return head, model.tokenizer.encode(ws + answer, allow_special=False) + [model.tokenizer.eos_id]
 
 
 def load_examples(model, path: str | Path, max_len: int, skip_long: bool = False) -> tuple[list[Example], int]:
