@@ -38,6 +38,11 @@ class SamplingParams:
     # Mercury's reasoning_effort: "instant", "low", "medium" or "high" -> the model's decoding preset
     # (generation_config.json `presets`); an explicit policy / threshold / fallback / steps wins.
     reasoning_effort: str | None = None
+    # Chat requests: OpenAI's function tools (frontend/tools.py); replies with calls are constrained
+    # to declared functions and their parameter schemas.
+    tools: list | None = None
+    tool_choice: object | None = None  # "none", "auto" (default with tools), "required", or {"type": "function", ...}
+    parallel_tool_calls: bool | None = None
     top_k: int | None = None  # sampling: keep the k most likely tokens (None, 0 or -1: all)
     repetition_penalty: float | None = None  # CTRL's: logits of tokens in the prompt or output / by it (> 0)
     presence_penalty: float | None = None  # OpenAI's: minus this for each token already in the output

@@ -11,6 +11,7 @@ from .output import TextStream
 from .params import SamplingParams, resolve
 from .prompt import is_chat, layout_prompt
 from ..structured.formats import parse_response_format
+from .tools import chat_for_model, output_format, parse_tools
 from ..structured.state import compile_format
 
 
@@ -27,11 +28,21 @@ class InputProcessor:
         params = params or SamplingParams()
         ws = ""
         fmt = parse_response_format(params.response_format)
+        kwargs = None
+        if is_chat(prompt):
+            tools = parse_tools(params.tools, params.tool_choice, params.parallel_tool_calls)
+            prompt, kwargs = chat_for_model(model, list(prompt), tools)
+            if tools is not None:
+                if fmt is not None:
+                    raise UserError("response_format and tools together are not supported; send one of them")
+                fmt = output_format(tools, model.tokenizer)
+        elif params.tools or params.tool_choice not in (None, "none", "auto"):
+            raise UserError("tools need a chat prompt (a list of messages)")
         # A constrained output starts where the grammar says: no healing (its first token would be
         # whitespace the grammar may not allow).
         if params.heal and fmt is None and isinstance(prompt, str):  # token ids and chats are taken as given
             prompt, ws = split_trailing_whitespace(prompt, ASCII_WHITESPACE)
-        head, tail = layout_prompt(model, prompt, params.suffix)
+        head, tail = layout_prompt(model, prompt, params.suffix, kwargs)
         s = resolve(model, params, len(head) + len(tail))
         if self.needs_prompt and not head:
             raise UserError("the prompt is empty; this model scores each position from the one before it, "

@@ -14,11 +14,15 @@ def is_chat(prompt) -> bool:
     return isinstance(prompt, (list, tuple)) and len(prompt) > 0 and all(isinstance(m, dict) for m in prompt)
 
 
-def encode_prompt(tokenizer, prompt: str | Sequence[int] | Sequence[dict], vocab_size: int) -> list[int]:
-    """Token ids of a prompt. A chat is rendered with the tokenizer's chat template first."""
+def encode_prompt(tokenizer, prompt: str | Sequence[int] | Sequence[dict], vocab_size: int,
+                  template_kwargs: dict | None = None) -> list[int]:
+    """Token ids of a prompt. A chat is rendered with the tokenizer's chat template first
+    (template_kwargs, such as `tools`, go to a Hugging Face template)."""
     if isinstance(prompt, str):
         return list(tokenizer.encode(prompt, allow_special=False))
     if is_chat(prompt):
+        if template_kwargs:
+            return list(tokenizer.encode_chat(list(prompt), **template_kwargs))
         return list(tokenizer.encode_chat(list(prompt)))
     if isinstance(prompt, (list, tuple)):
         try:
@@ -32,7 +36,8 @@ def encode_prompt(tokenizer, prompt: str | Sequence[int] | Sequence[dict], vocab
     raise UserError(f"prompt must be {PROMPT_KINDS}; got {type(prompt).__name__}")
 
 
-def layout_prompt(model, prompt, suffix: str | None = None) -> tuple[list[int], list[int]]:
+def layout_prompt(model, prompt, suffix: str | None = None,
+                  template_kwargs: dict | None = None) -> tuple[list[int], list[int]]:
     """(head, tail): the canvas is head + [MASK] * max_tokens + tail.
 
     Without a suffix the tail is empty. With one (fill-in-the-middle), a full-attention model sees it
@@ -44,7 +49,7 @@ def layout_prompt(model, prompt, suffix: str | None = None) -> tuple[list[int], 
     tok = model.tokenizer
     if suffix is not None and is_chat(prompt):
         raise UserError("suffix (fill-in-the-middle) needs a text or token-id prompt, not a chat")
-    head = encode_prompt(tok, prompt, model.config.vocab_size)
+    head = encode_prompt(tok, prompt, model.config.vocab_size, template_kwargs)
     if suffix is None:
         return head, []
     if not isinstance(suffix, str):

@@ -188,7 +188,11 @@ def create_app(model, cfg: ServerConfig | None = None, engine: Engine | None = N
     @app.post("/v1/chat/completions", responses=ERRORS)
     async def chat_completions(request: Request, body: ChatRequest):
         max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
-        return await run(request, st, "chat", body, chat_messages(body), None, max_tokens)
+        try:
+            messages = chat_messages(body)
+        except ValueError as e:
+            raise APIError(400, str(e), "messages", "invalid_value") from None
+        return await run(request, st, "chat", body, messages, None, max_tokens)
 
     @app.post("/v1/fim/completions", responses=ERRORS)
     async def fim_completions(request: Request, body: FimRequest):

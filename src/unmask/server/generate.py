@@ -18,6 +18,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from ..engine import SamplingParams
 from .errors import APIError, as_api_error, error_body
 from .protocol import ignored, unsupported
+from ..frontend.tools import split_calls
 from ..structured import FormatError, parse_response_format
 
 MASK_PLACEHOLDER = "\u2591"  # what a still-masked position looks like in `canvas.text`
@@ -35,6 +36,9 @@ class Job:
     done: bool = False
     events: int = 0
     role_sent: bool = False
+    tools: bool = False  # a chat with tools: the reply may be tool calls (frontend/tools.py)
+    text: str = ""  # with tools: the reply so far
+    mode: str | None = None  # with tools: "text" once the reply is plain text, "calls" once it is calls
     last: object = field(default=None, repr=False)
 
 
@@ -77,7 +81,18 @@ def sampling_params(body, max_tokens: int | None, suffix: str | None) -> Samplin
                           stream_canvas=body.diffusing, heal=getattr(body, "heal", True),
                           response_format=parse_format(body.response_format), reasoning_effort=body.reasoning_effort,
                           top_k=body.top_k, repetition_penalty=body.repetition_penalty,
-                          presence_penalty=body.presence_penalty, frequency_penalty=body.frequency_penalty)
+                          presence_penalty=body.presence_penalty, frequency_penalty=body.frequency_penalty,
+                          **_tool_fields(body))
+
+
+def _tool_fields(body) -> dict:
+    tools = getattr(body, "tools", None)
+    if not tools:
+        return {}
+    choice = body.tool_choice
+    return {"tools": [t.model_dump(exclude_none=True) for t in tools],
+            "tool_choice": choice.model_dump() if hasattr(choice, "model_dump") else choice,
+            "parallel_tool_calls": body.parallel_tool_calls}
 
 
 async def run(request: Request, state, kind: str, body, prompt, suffix: str | None, max_tokens: int | None):
@@ -90,7 +105,8 @@ async def run(request: Request, state, kind: str, body, prompt, suffix: str | No
     prefix = {"chat": "chatcmpl", "edit": "edit"}.get(kind, "cmpl")
     job = Job(kind, f"{prefix}-{uuid.uuid4().hex}", int(time.time()), state.model_name, body.stream,
               bool(body.stream_options and body.stream_options.include_usage),
-              time.monotonic() + state.request_timeout)
+              time.monotonic() + state.request_timeout,
+              tools=bool(getattr(body, "tools", None)) and getattr(body, "tool_choice", None) != "none")
     state.pending += 1
     handed_off = False
     try:
@@ -178,6 +194,11 @@ def _final(job: Job, out, state) -> dict:
     if job.kind in ("chat", "edit"):
         choice = {"index": 0, "message": {"role": "assistant", "content": out.text},
                   "finish_reason": out.finish_reason, "logprobs": None}
+        if job.tools:
+            content, calls = split_calls(out.text)
+            if calls:
+                choice["message"] = {"role": "assistant", "content": content, "tool_calls": calls}
+                choice["finish_reason"] = "tool_calls" if out.finish_reason == "stop" else out.finish_reason
     else:
         choice = {"index": 0, "text": out.text, "finish_reason": out.finish_reason, "logprobs": None}
     return {"id": job.rid, "object": OBJECTS[job.kind][0], "created": job.created, "model": job.model, "system_fingerprint": None, "choices": [choice],
@@ -237,9 +258,21 @@ def _head(job: Job) -> dict:
 def _chunk(job: Job, ev, state) -> dict:
     reason = ev.output.finish_reason if ev.finished else None
     if job.kind in ("chat", "edit"):
-        delta = {"content": ev.delta}
+        text = ev.delta
+        if job.tools:  # plain text streams as it comes; calls are sent whole once the reply is done
+            job.text += ev.delta
+            if job.mode is None and job.text:
+                job.mode = "calls" if job.text.startswith("<") else "text"
+            text = ev.delta if job.mode == "text" else ""
+        delta = {"content": text}
         if not job.role_sent:
-            delta, job.role_sent = {"role": "assistant", "content": ev.delta}, True
+            delta, job.role_sent = {"role": "assistant", "content": text}, True
+        if job.tools and job.mode == "calls" and ev.finished:
+            content, calls = split_calls(job.text)
+            if calls:
+                delta["tool_calls"] = [{"index": k, **c} for k, c in enumerate(calls)]
+                delta["content"] = content
+                reason = "tool_calls" if reason == "stop" else reason
         choice = {"index": 0, "delta": delta, "finish_reason": reason, "logprobs": None}
     else:
         choice = {"index": 0, "text": ev.delta, "finish_reason": reason, "logprobs": None}

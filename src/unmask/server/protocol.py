@@ -107,10 +107,44 @@ class ContentPart(_Strict):
     text: str
 
 
+class FunctionCall(_Strict):
+    name: str
+    arguments: str  # JSON text, as OpenAI sends it
+
+
+class ToolCall(_Strict):
+    id: str
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
 class ChatMessage(_Strict):
-    role: Literal["system", "developer", "user", "assistant"]
-    content: str | list[ContentPart]
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    content: str | list[ContentPart] | None = None
     name: str | None = None
+    tool_calls: list[ToolCall] | None = None  # an assistant turn that called tools
+    tool_call_id: str | None = None  # a tool turn: which call it answers
+
+
+class FunctionDef(_Strict):
+    name: str
+    description: str | None = None
+    parameters: dict | None = None
+    strict: bool | None = None
+
+
+class ToolDef(_Strict):
+    type: Literal["function"]
+    function: FunctionDef
+
+
+class NamedFunction(_Strict):
+    name: str
+
+
+class NamedToolChoice(_Strict):
+    type: Literal["function"]
+    function: NamedFunction
 
 
 class ChatRequest(_Sampling):
@@ -118,8 +152,8 @@ class ChatRequest(_Sampling):
     max_completion_tokens: int | None = Field(None, ge=1)
     logprobs: bool = False
     top_logprobs: int | None = None
-    tools: list[dict] | None = None
-    tool_choice: str | dict | None = None
+    tools: list[ToolDef] | None = None
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
     parallel_tool_calls: bool | None = None
     metadata: dict[str, str] | None = None
     store: bool | None = None
@@ -143,7 +177,6 @@ class EditRequest(_Sampling):
 _NEUTRAL = {
     "echo": (False,), "logprobs": (None, False, 0), "best_of": (None, 1), "top_logprobs": (None, 0),
     "logit_bias": (None, {}),
-    "tools": (None, []), "tool_choice": (None, "none", "auto"), "parallel_tool_calls": (None, True, False),
 }
 
 
@@ -166,11 +199,24 @@ def unsupported(req: BaseModel) -> str | None:
 
 
 def chat_messages(req: ChatRequest) -> list[dict]:
-    """The engine's chat prompt: text parts joined; OpenAI's 'developer' role is our 'system'."""
+    """The engine's chat prompt: text parts joined; OpenAI's 'developer' role is our 'system'; tool
+    calls and tool results kept for the frontend (frontend/tools.py). Raises ValueError naming the
+    message that is malformed."""
     out = []
-    for m in req.messages:
-        content = m.content if isinstance(m.content, str) else "".join(p.text for p in m.content)
-        out.append({"role": "system" if m.role == "developer" else m.role, "content": content})
+    for i, m in enumerate(req.messages):
+        content = m.content if m.content is None or isinstance(m.content, str) else "".join(p.text for p in m.content)
+        if m.role == "tool" and not m.tool_call_id:
+            raise ValueError(f"messages[{i}]: a tool message needs tool_call_id (the id of the call it answers)")
+        if content is None and not (m.role == "assistant" and m.tool_calls):
+            raise ValueError(f"messages[{i}].content is missing (only an assistant turn with tool_calls may omit it)")
+        if m.tool_calls and m.role != "assistant":
+            raise ValueError(f"messages[{i}]: only an assistant turn has tool_calls")
+        msg = {"role": "system" if m.role == "developer" else m.role, "content": content}
+        if m.tool_calls:
+            msg["tool_calls"] = [c.model_dump() for c in m.tool_calls]
+        if m.tool_call_id:
+            msg["tool_call_id"] = m.tool_call_id
+        out.append(msg)
     return out
 
 

@@ -73,6 +73,13 @@ class Vocabulary:
         return v
 
 
+def _forced(m) -> list[int]:
+    """The matcher's fast-forward tokens that it also accepts: llguidance may spell forced bytes
+    with a tokenizer's added token (Qwen's `<tool_call>`) that its own masks treat as special."""
+    ff = m.compute_ff_tokens()
+    return ff[: m.validate_tokens(ff)] if ff else ff
+
+
 def _bits(mask: bytes, n: int) -> np.ndarray:
     return np.unpackbits(np.frombuffer(mask, dtype=np.uint8), bitorder="little")[:n].astype(bool)
 
@@ -112,7 +119,7 @@ class GrammarState:
 
     def forced(self) -> list[int]:
         """Tokens the grammar forces from here (keys, punctuation), possibly none."""
-        return self.matcher.compute_ff_tokens()
+        return _forced(self.matcher)
 
     def valid(self, token: int) -> bool:
         if token == self.vocab.eos_id:
@@ -144,7 +151,7 @@ class GrammarState:
         while len(path) <= limit:
             if m.is_accepting():
                 return path
-            ff = m.compute_ff_tokens()
+            ff = _forced(m)
             if ff:
                 if not m.consume_tokens(ff):
                     return None

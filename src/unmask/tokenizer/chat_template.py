@@ -126,6 +126,14 @@ class ChatTemplate:
                 ) from None
         return self._compiled
 
+    def uses(self, name: str) -> bool:
+        """Whether the template reads the variable `name` (e.g. `tools`)."""
+        from jinja2 import meta
+        try:
+            return name in meta.find_undeclared_variables(_environment().parse(self.source))
+        except TemplateSyntaxError:
+            return False
+
     def literals(self) -> list[str]:
         """Every string the template writes literally: its raw text and its string constants.
         Empty when it does not parse (rendering then reports why)."""
