@@ -68,7 +68,7 @@ def run_arm(arm: str, evals, batch: int) -> dict:
     return row
 
 
-def plot(rows: list[dict], png: Path) -> None:
+def plot(rows: list[dict], png: Path, recorded: list[dict] = ()) -> None:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -85,17 +85,20 @@ def plot(rows: list[dict], png: Path) -> None:
             rs = sorted((r for r in rs if xk in r and yk in r), key=lambda r: r[xk])
             if not rs:
                 continue
-            if all(r[xk] == 1.0 for r in rs) and len(rs) == 1 and rs[0].get("autoregressive"):
+            if len(rs) == 1 and rs[0].get("autoregressive"):
                 ax.axhline(rs[0][yk], ls="--", color="grey", label=f"{name} (AR, TPF 1)")
                 continue
             ax.plot([r[xk] for r in rs], [r[yk] for r in rs], "o-", label=name)
             for r in rs:
                 ax.annotate(r["arm"].split(":", 1)[1] if ":" in r["arm"] else "default", (r[xk], r[yk]),
                             fontsize=7, textcoords="offset points", xytext=(3, 3))
+        for r in recorded:  # earlier measurements (bench/frontier_recorded.json): hollow markers
+            if xk in r and yk in r:
+                ax.plot([r[xk]], [r[yk]], "o", mfc="none", label=r["name"])
         ax.set_title(title, fontsize=10)
         ax.set_xlabel("tokens per forward (16 in flight)")
         ax.grid(alpha=0.3)
-    axes[0].legend(fontsize=7)
+    axes[0].legend(fontsize=6)
     fig.tight_layout()
     png.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(png, dpi=110)
@@ -109,6 +112,7 @@ def main() -> int:
     ap.add_argument("--batch", type=int, default=16, help="requests in flight")
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--plot", default=None, help="write the frontier PNG here")
+    ap.add_argument("--recorded", default=None, help="JSON of earlier rows to plot beside (bench/frontier_recorded.json)")
     args = ap.parse_args()
     evals = [e for e in args.evals.split(",") if e]
     if bad := set(evals) - set(EVALS):
@@ -131,7 +135,8 @@ def main() -> int:
         show = {k: round(v, 4) for k, v in row.items() if isinstance(v, float)}
         print(f"{arm}: {show}", flush=True)
     if args.plot:
-        plot(rows, Path(args.plot))
+        extra = json.loads(Path(args.recorded).read_text())["rows"] if args.recorded else []
+        plot(rows, Path(args.plot), extra)
         print(f"wrote {args.plot}")
     return 0
 
