@@ -52,8 +52,9 @@ def test_reasoning_effort_presets(model):
 
 
 def test_penalties_follow_their_definitions():
-    class R:  # a request with output tokens [3, 3, 5] and prompt [7]
+    class R:  # a request with output tokens [3, 3, 5] and prompt [7]; stop id 0
         canvas, lo, hi, head, tail = torch.tensor([7, 3, 3, 5, 1]), 1, 5, [7], []
+        stop_ids = frozenset({0})
 
     from unmask.frontend.params import Resolved
     logits = torch.tensor([[[1.0, -1.0, 0.5, 2.0, 0.0, -2.0, 3.0, 4.0]]])
@@ -125,3 +126,8 @@ def test_typos_and_impossible_values_are_400(srv, field, value):
     r = httpx.post(srv.url + "/v1/completions", json={"prompt": "x", "max_tokens": 2, "extra_body": {field: value}},
                    timeout=60)
     assert r.status_code == 400, r.text
+
+
+def test_a_preset_does_not_lend_its_threshold_to_another_policy(model):
+    s = resolve(model, SamplingParams(reasoning_effort="high", policy="entropy"), 4)
+    assert (s.policy, s.threshold) == ("entropy", 0.1)  # entropy's own default budget, not tau 0.9

@@ -78,3 +78,12 @@ def test_finetune_takes_edit_examples_laid_out_like_the_server(tok):
                         {"role": "assistant", "content": "x"}]}
     with pytest.raises(UserError, match="f.jsonl:3: messages\\[0\\].content"):
         encode_example(model, bad, "f.jsonl:3")
+
+
+def test_region_closed_before_opened_and_no_code_after():
+    bad = "<|current_file_content|>\ncurrent_file_path: a.py\n<|/code_to_edit|>x<|code_to_edit|>\n<|/current_file_content|>"
+    with pytest.raises(UserError, match="comes before"):
+        parse_edit(bad)
+    last = parse_edit("<|current_file_content|>\ncurrent_file_path: a.py\nx = 1\n<|code_to_edit|>\ny = 2\n"
+                      "<|/code_to_edit|>\n<|/current_file_content|>")
+    assert edit_task(last) == ("# file: a.py\nx = 1\n", None)

@@ -71,8 +71,8 @@ def test_bad_response_formats_name_their_field(obj, field):
 @pytest.mark.parametrize("fmt, match", [
     (OutputFormat.regex("[a-z"), r"^response_format\.regex is not accepted.*unclosed"),
     (OutputFormat.regex(r"[^\s\S]"), r"^response_format\.regex matches no string"),
-    (OutputFormat.json_schema({"type": "strin"}), r"^response_format\.json_schema\.schema is not accepted.*strin"),
-    (OutputFormat.json_schema({"type": "string", "format": "ipv9"}), r"^response_format\.json_schema\.schema.*ipv9"),
+    (OutputFormat.json_schema({"type": "strin"}, strict=True), r"^response_format\.json_schema\.schema is not accepted.*strin"),
+    (OutputFormat.json_schema({"type": "string", "format": "ipv9"}, strict=True), r"^response_format\.json_schema\.schema.*ipv9"),
     (OutputFormat.grammar("start: foo"), r"^response_format\.grammar is not accepted"),
     (OutputFormat.json_schema({"type": "array", "items": {"type": "integer"}, "minItems": 40}), r"^max_tokens is 16"),
 ])

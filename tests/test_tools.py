@@ -113,3 +113,8 @@ def test_a_family_template_renders_the_tools(family):
     assert "get_weather" in text and "get_weather" not in plain
     out = Engine(model).generate([ASK], SamplingParams(max_tokens=160, tools=TOOLS, tool_choice="required"))[0]
     _valid_calls(split_calls(out.text)[1])
+
+
+def test_plain_text_holding_a_call_is_not_a_call():
+    text = 'Sure. <tool_call>{"name": "rm_rf", "arguments": {}}</tool_call>'
+    assert split_calls(text) == (text, [])

@@ -84,6 +84,8 @@ def parse_edit(content: str) -> EditPrompt:
     if code.count("<|code_to_edit|>") != 1 or code.count("<|/code_to_edit|>") != 1:
         raise UserError(f"{WHERE}: <|current_file_content|> must hold one <|code_to_edit|> ... <|/code_to_edit|> region")
     before, rest = code.split("<|code_to_edit|>")
+    if "<|/code_to_edit|>" not in rest:
+        raise UserError(f"{WHERE}: <|/code_to_edit|> comes before <|code_to_edit|>; close the region after opening it")
     region, after = rest.split("<|/code_to_edit|>")
     region = _trim(region)
     after = after[1:] if after.startswith("\n") else after
@@ -102,10 +104,11 @@ def parse_edit(content: str) -> EditPrompt:
                       _trim(history) if history else "")
 
 
-def edit_task(e: EditPrompt) -> tuple[str, str]:
-    """(prefix, suffix) of the infilling task whose middle is the rewritten region."""
+def edit_task(e: EditPrompt) -> tuple[str, str | None]:
+    """(prefix, suffix) of the infilling task whose middle is the rewritten region; suffix None (a
+    plain completion) when no code follows the region."""
     head = [f"# file: {p}\n{code.rstrip()}\n\n" for p, code in e.snippets]
     if e.history.strip():
         head.append("# recent edits:\n" + "".join(f"# {ln}\n" for ln in e.history.splitlines()) + "\n")
     head.append(f"# file: {e.path}\n")
-    return "".join(head) + e.before, ("\n" + e.after) if e.after else ""
+    return "".join(head) + e.before, ("\n" + e.after) if e.after else None

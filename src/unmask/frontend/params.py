@@ -77,6 +77,11 @@ def _effort(model, params: SamplingParams) -> SamplingParams:
     if effort not in EFFORTS:
         raise UserError(f"reasoning_effort {effort!r}: choose one of {', '.join(EFFORTS)}")
     p = model.generation.preset(effort)
+    # The preset's parameters belong to its policy: a caller who chose another policy keeps that
+    # policy's own defaults (a threshold tau is not an entropy budget).
+    own = params.policy is None or params.policy == (p.policy or model.generation.policy)
+    if not own:
+        return params
     return dataclasses.replace(params, policy=params.policy if params.policy is not None else p.policy,
                                threshold=params.threshold if params.threshold is not None else p.threshold,
                                fallback=params.fallback if params.fallback is not None else p.fallback,

@@ -61,7 +61,8 @@ def parse_tools(tools, tool_choice="auto", parallel_tool_calls=None) -> Tools | 
         params = f.get("parameters", {"type": "object", "properties": {}})
         if not isinstance(params, dict) or params.get("type", "object") != "object":
             raise UserError(f"{where}.function.parameters must be a JSON Schema of type object")
-        fns.append({"name": name, "description": f.get("description", ""), "parameters": params})
+        fns.append({"name": name, "description": f.get("description", ""), "parameters": params,
+                    "strict": bool(f.get("strict"))})
     if len({f["name"] for f in fns}) != len(fns):
         raise UserError("tools: two functions have the same name")
     choice = "auto" if tool_choice is None else tool_choice
@@ -94,7 +95,7 @@ def output_format(tools: Tools, tokenizer=None) -> OutputFormat:
     fns = [f for f in tools.functions if tools.choice in ("auto", "required") or f["name"] == tools.choice]
     one = {"oneOf": [{"type": "object", "properties": {"name": {"const": f["name"]}, "arguments": f["parameters"]},
                       "required": ["name", "arguments"], "additionalProperties": False} for f in fns],
-           "x-guidance": dict(JSON_OPTIONS, lenient=True)}
+           "x-guidance": dict(JSON_OPTIONS, lenient=not all(f["strict"] for f in fns))}
     calls = "call+" if tools.parallel else "call"
     start = f"TEXT | {calls}" if tools.choice == "auto" else calls
     lark = (f"start: {start}\ncall: {_literal(tokenizer, OPEN)} json {_literal(tokenizer, CLOSE)}\n"
@@ -108,11 +109,13 @@ def chat_for_model(model, messages: list[dict], tools: Tools | None) -> tuple[li
     renders them, or described in a system message for ours; tool turns rewritten for ours."""
     template = getattr(model.tokenizer, "chat_template", None)
     if template is not None and (tools is None or template.uses("tools")):
-        kwargs = {"tools": [{"type": "function", "function": f} for f in tools.functions]} if tools else {}
+        kwargs = {"tools": [{"type": "function", "function": {k: f[k] for k in ("name", "description", "parameters")}}
+                            for f in tools.functions]} if tools else {}
         return [_hf_message(m) for m in messages], kwargs
     out = [_our_message(m) for m in messages]
     if tools:
-        listing = TOOL_PREAMBLE + "".join(json.dumps(f, ensure_ascii=False) + "\n" for f in tools.functions)
+        listing = TOOL_PREAMBLE + "".join(json.dumps({k: f[k] for k in ("name", "description", "parameters")},
+                                                     ensure_ascii=False) + "\n" for f in tools.functions)
         if out and out[0]["role"] == "system":
             out[0] = {"role": "system", "content": listing + "\n" + out[0]["content"]}
         else:
@@ -124,11 +127,7 @@ def _calls_text(calls) -> str:
     parts = []
     for c in calls or ():
         fn = c.get("function", {})
-        args = fn.get("arguments", "{}")
-        try:
-            args = json.loads(args) if isinstance(args, str) else args
-        except ValueError:
-            raise UserError(f"messages: tool call {fn.get('name')!r} has arguments that are not JSON") from None
+        args = _arguments(fn)
         parts.append(OPEN + json.dumps({"name": fn.get("name"), "arguments": args}, ensure_ascii=False) + CLOSE)
     return "".join(parts)
 
@@ -141,17 +140,28 @@ def _our_message(m: dict) -> dict:
     return {"role": m["role"], "content": m.get("content") or ""}
 
 
+def _arguments(fn: dict):
+    args = fn.get("arguments") or "{}"
+    try:
+        return json.loads(args) if isinstance(args, str) else args
+    except ValueError:
+        raise UserError(f"messages: tool call {fn.get('name')!r} has arguments that are not JSON") from None
+
+
 def _hf_message(m: dict) -> dict:
     out = {k: v for k, v in m.items() if v is not None}
     if m.get("tool_calls"):
         out["tool_calls"] = [{"type": "function", "id": c.get("id"), "function": {
-            "name": c["function"]["name"], "arguments": json.loads(c["function"].get("arguments") or "{}")}}
-            for c in m["tool_calls"]]
+            "name": c["function"]["name"], "arguments": _arguments(c["function"])}} for c in m["tool_calls"]]
     return out
 
 
 def split_calls(text: str) -> tuple[str | None, list[dict]]:
-    """(content, tool_calls) of a reply: the calls in OpenAI's shape (arguments as a JSON string)."""
+    """(content, tool_calls) of a reply: the calls in OpenAI's shape (arguments as a JSON string).
+    Only a reply that starts with a call is calls (the grammar makes it calls only); plain text that
+    happens to hold `<tool_call>` later is text, and is never run as a call."""
+    if not text.startswith(OPEN):
+        return text, []
     calls = []
     for body in _CALL.findall(text):
         try:

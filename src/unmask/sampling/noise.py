@@ -30,7 +30,8 @@ def forbid_token(logits: torch.Tensor, token_id: int) -> torch.Tensor:
 
 
 def top_k_filter(logits: torch.Tensor, k: int) -> torch.Tensor:
-    """Keep the k largest logits (ties to the lower id) and set the others to -inf; k <= 0 keeps all."""
+    """Keep the k largest logits and set the others to -inf (which of equal logits at the cut stays is
+    torch.topk's choice); k <= 0 keeps all."""
     if k <= 0 or k >= logits.shape[-1]:
         return logits
     keep = logits.topk(k, dim=-1, sorted=False).indices

@@ -5,7 +5,7 @@
   presence_penalty p, frequency_penalty f (OpenAI): logit -= p * [token in the output] + f * count.
 
 "The output so far" of a diffusion request is what it has committed, wherever on the canvas; still
-masked positions count for nothing. Rows without penalties are not touched, so their tokens are the
+masked positions and stop tokens (EOS a request may commit early as filler) count for nothing. Rows without penalties are not touched, so their tokens are the
 same as without this stage.
 """
 from __future__ import annotations
@@ -24,6 +24,8 @@ def penalise(logits: torch.Tensor, rows, mask_id: int) -> torch.Tensor:
         r, s = rows[i], rows[i].s
         gen = r.canvas[r.lo:r.hi]
         gen = gen[(gen != mask_id) & (gen >= 0) & (gen < V)]
+        if r.stop_ids:  # EOS filler a diffusion request commits early is not "output" to penalise
+            gen = gen[~torch.isin(gen, torch.tensor(sorted(r.stop_ids), dtype=gen.dtype))]
         counts = torch.bincount(gen, minlength=V)[:V].to(out.device, out.dtype)
         row = out[i]
         if s.repetition_penalty != 1.0:

@@ -269,9 +269,9 @@ def _chunk(job: Job, ev, state) -> dict:
             delta, job.role_sent = {"role": "assistant", "content": text}, True
         if job.tools and job.mode == "calls" and ev.finished:
             content, calls = split_calls(job.text)
+            delta["content"] = content  # held back while it could have been calls: all of it now
             if calls:
                 delta["tool_calls"] = [{"index": k, **c} for k, c in enumerate(calls)]
-                delta["content"] = content
                 reason = "tool_calls" if reason == "stop" else reason
         choice = {"index": 0, "delta": delta, "finish_reason": reason, "logprobs": None}
     else:

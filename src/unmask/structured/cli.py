@@ -21,7 +21,11 @@ def add_arguments(parser) -> None:
 
 def _text(value: str, what: str) -> str:
     p = Path(value)
-    if p.is_file():
+    try:
+        is_file = p.is_file()
+    except OSError:  # e.g. an inline schema longer than a file name may be
+        is_file = False
+    if is_file:
         try:
             return p.read_text(encoding="utf-8")
         except (OSError, UnicodeDecodeError) as e:

@@ -32,11 +32,11 @@ class FormatError(UserError):
 class OutputFormat:
     kind: str
     value: Any = None  # the schema (dict), regex (str), choices (tuple of str) or Lark grammar (str)
-    strict: bool = True  # json_schema: unsupported schema keywords are errors (False: ignored)
+    strict: bool = False  # json_schema: unsupported schema keywords are errors (False, OpenAI's default: ignored)
     name: str | None = None
 
     @classmethod
-    def json_schema(cls, schema: dict, *, strict: bool = True, name: str | None = None) -> "OutputFormat":
+    def json_schema(cls, schema: dict, *, strict: bool = False, name: str | None = None) -> "OutputFormat":
         if not isinstance(schema, dict):
             raise FormatError("response_format.json_schema.schema must be a JSON object (a JSON Schema)")
         return cls("json_schema", schema, strict, name)
@@ -62,6 +62,8 @@ class OutputFormat:
     def grammar(cls, lark: str) -> "OutputFormat":
         if not isinstance(lark, str) or not lark.strip():
             raise FormatError("response_format.grammar must be a non-empty Lark grammar (a string)")
+        if "<[" in lark:
+            raise FormatError("response_format.grammar may not name token ids (<[...]>); write the text instead")
         return cls("grammar", lark)
 
     @property

@@ -14,8 +14,8 @@ is written) and, per step, walks from the leftmost open position to the right:
     (state.py), so the output is complete before max_tokens; when the grammar is complete (or the
     model ends an accepting output), EOS fills the rest of the window.
 
-So a step still commits several tokens whenever the model's parallel proposals are valid, and every
-output parses. Unconstrained rows of the same batch are not touched.
+So a step still commits several tokens whenever the model's parallel proposals are valid, and an
+output that ends with EOS is complete under its grammar (EOS is only written in an accepting state). Unconstrained rows of the same batch are not touched.
 """
 from __future__ import annotations
 
@@ -34,9 +34,10 @@ def _choose(r, logits: torch.Tensor, allowed: torch.Tensor) -> int:
 
 
 def _fits(g, token: int, room: int) -> bool:
-    """After `token`, can the output still be finished in `room` positions (EOS included)?"""
+    """After `token`, can the output still be finished in `room` positions (EOS included)? True
+    when the closing walk cannot tell (the token is valid; refusing it would not help)."""
     need = g.need_after(token)
-    return need is not None and need <= room
+    return need is None or need <= room
 
 
 def constrain(r, w, logits: torch.Tensor, masked: torch.Tensor, commit: torch.Tensor, tokens: torch.Tensor,
@@ -67,25 +68,28 @@ def constrain(r, w, logits: torch.Tensor, masked: torch.Tensor, commit: torch.Te
         left = r.hi - (w.lo + j)  # positions left to this request, this one included
         proposed = int(tokens[j])
         takes = first or bool(commit[j])
+        if g.stopped and not g.accepting:  # llguidance's error state: nothing valid can follow
+            raise RuntimeError(f"the grammar reached a dead end: {g.matcher.get_error() or 'no token allowed'}")
         if g.stopped or (g.accepting and takes and proposed in r.stop_ids):
             end()
             break
-        forced = g.forced()
-        if forced:
-            for t in forced:
-                if j >= A or not bool(masked[j]) or w.lo + j >= r.hi:
-                    break
-                g.consume(t)
-                write(t)
-            continue
         need = g.need()
         if need is not None and need >= left:  # no room left for the model's choices
-            path = g.closing() or []
-            if not path:
+            path = g.closing()
+            if path:  # the closing walk, followed token by token (its need falls by one each)
+                g.consume(path[0])
+                write(path[0])
+                continue
+            if g.accepting:
                 end()
                 break
-            g.consume(path[0])
-            write(path[0])
+        forced = g.forced()
+        if forced:
+            t = forced[0]
+            if not _fits(g, t, left - 1):  # the walk from here starts with the same forced tokens
+                t = (g.closing() or [t])[0]
+            g.consume(t)
+            write(t)
             continue
         if not takes:
             break
@@ -100,11 +104,12 @@ def constrain(r, w, logits: torch.Tensor, masked: torch.Tensor, commit: torch.Te
         if not _fits(g, t, left - 1):
             if not first:
                 break
-            path = g.closing() or []
-            if not path:
+            path = g.closing()
+            if path:
+                t = path[0]
+            elif g.accepting:
                 end()
                 break
-            t = path[0]
         g.consume(t)
         write(t)
     return out_commit, out_tokens

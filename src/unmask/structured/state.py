@@ -25,6 +25,8 @@ _TOKENIZERS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 CLOSERS = set('"}])')
 OPENERS = set("{[(")
 SEPARATORS = (",", ":")
+RECENT = 1  # a candidate leading back to one of the walk's last RECENT allowed sets is not progress
+WALK_FUEL = 4000  # candidate tries one walk may spend (each a consume, a mask and a rollback)
 CANDIDATES = 48  # allowed tokens a closing step tries (one per kind of first character) for progress
 ATOMS = ("0", "1", "false", "true", "null")
 
@@ -93,12 +95,13 @@ class GrammarState:
         self.consumed = 0
         self._need: tuple[int, int | None] | None = None  # (consumed, need) for the current state
         self._after: tuple[int, int, int | None] | None = None  # (consumed, token, need after it)
+        self._walk: tuple[int, list[int] | None] | None = None  # (consumed, closing walk) for the current state
 
     def reset(self) -> None:
         """Back to the start (the request was preempted and restarts from an empty canvas)."""
         self.matcher.reset()
         self.consumed = 0
-        self._need = self._after = None
+        self._need = self._after = self._walk = None
 
     # ---- what the grammar allows -----------------------------------------------------------------
     @property
@@ -129,25 +132,41 @@ class GrammarState:
     def consume(self, token: int) -> None:
         if not self.matcher.consume_token(int(token)):
             raise RuntimeError(f"grammar rejected token {token}: {self.matcher.get_error()}")
-        after = self._after
+        after, walk = self._after, self._walk
         self._need = (self.consumed + 1, after[2]) if after is not None and after[:2] == (self.consumed, int(token)) \
             else None
+        # Following the closing walk: the rest of it is the walk from the new state (so the need falls
+        # by one per token and the output finishes in the positions it was promised).
+        if walk is not None and walk[0] == self.consumed and walk[1] and walk[1][0] == int(token):
+            self._walk = (self.consumed + 1, walk[1][1:])
+            self._need = (self.consumed + 1, 1 if self.matcher.is_accepting() else len(walk[1]))
+        else:
+            self._walk = None
         self._after = None
         self.consumed += 1
 
     # ---- finishing ------------------------------------------------------------------------------
     def closing(self, limit: int = 512) -> list[int] | None:
+        """The closing walk from the current state (cached; see _walk_from)."""
+        if self._walk is not None and self._walk[0] == self.consumed:
+            return self._walk[1]
+        path = self._walk_from(self.matcher, limit)
+        self._walk = (self.consumed, path)
+        return path
+
+    def _walk_from(self, matcher, limit: int = 512) -> list[int] | None:
         """The greedy walk from here to an accepting state (not including EOS); None if none is
         found within `limit` tokens. At each step it takes, in the preference order, the first
-        allowed token that completes the output or leads to an allowed set not met on the walk before;
+        allowed token that completes the output or leads to an allowed set not among the walk's last
+        RECENT ones (a wider memory turns a closing "]" down because "]" was allowed earlier);
         failing that, the first that changes the allowed set at all (so "0" after "0" in
         `[0-9]+\\.` gives way to "."); failing that, the one the walk used least (states can differ
         with the same allowed set: "a" and " a" in `[a-z]+( [a-z]+){2}`)."""
-        m = self.matcher.deep_copy()
+        m = matcher.deep_copy()
         order, n, eos = self.vocab.order, self.vocab.vocab_size, self.vocab.eos_id
+        fuel = WALK_FUEL
         path: list[int] = []
-        first = m.compute_bitmask()
-        seen = {first}
+        recent = [m.compute_bitmask()]  # the allowed sets of the last few states of the walk
         while len(path) <= limit:
             if m.is_accepting():
                 return path
@@ -156,7 +175,7 @@ class GrammarState:
                 if not m.consume_tokens(ff):
                     return None
                 path += ff
-                seen.add(m.compute_bitmask())
+                recent = (recent + [m.compute_bitmask()])[-RECENT:]
                 continue
             here = m.compute_bitmask()
             ok = _bits(here, n)
@@ -173,12 +192,15 @@ class GrammarState:
                 tried.add(g)
                 t = int(t)
                 reps.append(t)
+                fuel -= 1
+                if fuel < 0:  # too costly a grammar to finish by search: unknown
+                    return None
                 if not m.consume_token(t):
                     return None
                 after = m.compute_bitmask()
                 done = m.is_accepting()
                 m.rollback(1)
-                if done or (after != here and after not in seen):
+                if done or (after != here and after not in recent):
                     pick = t
                     break
                 if changed is None and after != here:
@@ -189,7 +211,7 @@ class GrammarState:
                 pick = changed if changed is not None else min(reps, key=path.count)
             if not m.consume_token(pick):
                 return None
-            seen.add(m.compute_bitmask())
+            recent = (recent + [m.compute_bitmask()])[-RECENT:]
             path.append(pick)
         return None
 
@@ -210,15 +232,15 @@ class GrammarState:
         reuses the answer)."""
         if not self.matcher.consume_token(int(token)):
             raise RuntimeError(f"grammar rejected token {token}: {self.matcher.get_error()}")
-        m, saved = self.matcher, self._need
+        m, saved, walk = self.matcher, self._need, self._walk
         self.consumed += 1
-        self._need = None
+        self._need = self._walk = None
         try:
             value = self.need()
         finally:
             m.rollback(1)
             self.consumed -= 1
-            self._need = saved
+            self._need, self._walk = saved, walk
         self._after = (self.consumed, int(token), value)
         return value
 
