@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import torch
 
-from ..sampling.noise import gumbel_argmax, top_p_filter
+from ..sampling.noise import gumbel_argmax, top_k_filter, top_p_filter
 
 
 def _choose(r, logits: torch.Tensor, allowed: torch.Tensor) -> int:
@@ -29,7 +29,7 @@ def _choose(r, logits: torch.Tensor, allowed: torch.Tensor) -> int:
     x = logits.double().masked_fill(~allowed.to(logits.device), float("-inf"))
     if r.s.temperature == 0:
         return int(x.argmax())
-    x = top_p_filter(x, r.s.top_p)
+    x = top_p_filter(top_k_filter(x, r.s.top_k), r.s.top_p)
     return int(gumbel_argmax(x, r.s.temperature, r.generator))
 
 
