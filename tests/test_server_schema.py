@@ -22,7 +22,11 @@ def test_no_5xx_on_generated_requests(tiny, tmp_path):  # noqa: F811
     with live(tiny, max_batch=8, max_tokens_limit=2) as s:
         r = subprocess.run([str(ST), "run", s.url + "/openapi.json", "--checks", "not_a_server_error",
                             "--phases", "fuzzing", "--mode", "all", "--max-examples", "25", "--seed", "7",
-                            "--workers", "2", "--no-color", "--report-dir", str(tmp_path)],
+                            "--workers", "2", "--no-color", "--report-dir", str(tmp_path),
+                            # Warnings (e.g. "mostly rejected generated data": random text is rarely a
+                            # valid next-edit prompt, so /v1/edit/completions answers most cases 400)
+                            # are not failures; the checks below are.
+                            "--warnings", "off"],
                            capture_output=True, text=True, timeout=170, cwd=tmp_path,
                            env={**os.environ, "OMP_NUM_THREADS": "1"})
         assert s.state.bridge.alive
