@@ -67,6 +67,23 @@ def cmd_commit_rule(a) -> None:
         print(json.dumps(info))
 
 
+def _teacher_args(p, trajectories: str) -> None:
+    """The options of commands that decode corpus prompts with the model (distill, commit-rule)."""
+    p.add_argument("--corpus", default=None, help="a built corpus (unmask data build); prompts come from its train "
+                                                  "split (default: corpus/default, when built)")
+    p.add_argument("--trajectories", default=None, help=trajectories)
+    p.add_argument("--prompts", type=positive_int, default=None, help="prompts to decode (default 512)")
+    p.add_argument("--fim-frac", type=float, default=None, help="share of fill-in-the-middle prompts (default 0.25)")
+    p.add_argument("--max-tokens", type=positive_int, default=None, help="tokens per decoding (default 64)")
+
+
+def _run_args(p) -> None:
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--threads", type=positive_int, default=None, help="torch CPU threads (default: torch's)")
+    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N, or auto (CUDA when available)")
+    p.add_argument("--json", action="store_true", help="print one JSON summary instead of progress")
+
+
 def add_training_commands(sub) -> None:
     tr = sub.add_parser("train", help="pretrain a model from a config under configs/")
     tr.add_argument("config")
@@ -108,12 +125,7 @@ def add_training_commands(sub) -> None:
                                    "(held-out tokens per forward and agreement with the teacher, before and after).")
     d.add_argument("--model", default=None, help="model directory to start from (default: the embedded model)")
     d.add_argument("--out", required=True, help="where to write the distilled model (a new directory)")
-    d.add_argument("--corpus", default=None, help="a built corpus (unmask data build); prompts come from its train split "
-                                              "(default: corpus/default, when built)")
-    d.add_argument("--trajectories", default=None, help="reuse a trajectories.jsonl of an earlier run (no --corpus needed)")
-    d.add_argument("--prompts", type=positive_int, default=None, help="teacher prompts (default 512)")
-    d.add_argument("--fim-frac", type=float, default=None, help="share of fill-in-the-middle prompts (default 0.25)")
-    d.add_argument("--max-tokens", type=positive_int, default=None, help="teacher completion length (default 64)")
+    _teacher_args(d, trajectories="reuse a trajectories.jsonl of an earlier run (no --corpus needed)")
     d.add_argument("--certainty", type=float, default=None,
                    help="weight of the entropy term where the model is right (default 1; 0: plain self-distillation)")
     d.add_argument("--block-size", type=positive_int, default=None,
@@ -125,10 +137,7 @@ def add_training_commands(sub) -> None:
     d.add_argument("--lr", type=float, default=None, help="peak learning rate (default 1e-3 LoRA, 5e-5 full)")
     d.add_argument("--val-frac", type=float, default=None, help="share held out for the before/after check (default 0.05)")
     d.add_argument("--concurrency", type=positive_int, default=None, help="teacher requests in flight (default 16)")
-    d.add_argument("--seed", type=int, default=None)
-    d.add_argument("--threads", type=positive_int, default=None, help="torch CPU threads (default: torch's)")
-    d.add_argument("--device", default="auto", help="cpu, cuda, cuda:N, or auto (CUDA when available)")
-    d.add_argument("--json", action="store_true", help="print one JSON summary instead of progress")
+    _run_args(d)
     d.set_defaults(func=cmd_distill)
 
     r = sub.add_parser("commit-rule", help="train the learned decoding policy's classifier for a model (stored "
@@ -138,15 +147,8 @@ def add_training_commands(sub) -> None:
                                    "confidence, margin, entropy and neighbours. Writes commit_rule.safetensors and "
                                    "commit_rule.json into the model directory.")
     r.add_argument("--model", required=True, help="model directory (the rule is written into it)")
-    r.add_argument("--corpus", default=None, help="a built corpus; prompts come from its train split")
-    r.add_argument("--trajectories", default=None,
-                   help="a trajectories.jsonl of this same model (e.g. from unmask distill of it) instead of --corpus")
-    r.add_argument("--prompts", type=positive_int, default=None, help="prompts to decode (default 512)")
-    r.add_argument("--fim-frac", type=float, default=None, help="share of fill-in-the-middle prompts (default 0.25)")
-    r.add_argument("--max-tokens", type=positive_int, default=None, help="tokens per decoding (default 64)")
+    _teacher_args(r, trajectories="a trajectories.jsonl of this same model (e.g. from unmask distill of it) instead "
+                                  "of --corpus")
     r.add_argument("--draws", type=positive_int, default=4, help="masked states drawn per trajectory (default 4)")
-    r.add_argument("--seed", type=int, default=None)
-    r.add_argument("--threads", type=positive_int, default=None, help="torch CPU threads (default: torch's)")
-    r.add_argument("--device", default="auto", help="cpu, cuda, cuda:N, or auto (CUDA when available)")
-    r.add_argument("--json", action="store_true", help="print one JSON summary instead of progress")
+    _run_args(r)
     r.set_defaults(func=cmd_commit_rule)
