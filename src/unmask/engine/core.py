@@ -134,17 +134,15 @@ class EngineCore:
             self.runner = LlamaCppRunner(model.net, cfg, plan, weights=quantize or "f32", max_batch=max_batch,
                                          max_rows=self.max_rows, kv_tokens=cache_obj.capacity_tokens)
             self.scheduler = Scheduler(max_batch, cache_obj, plan, on_release=self.runner.release)
-            self._requests: dict[str, Request] = {}
-            self.steps = 0
-            return
-        # Decode steps padded to static shape buckets, replayed as CUDA graphs on a CUDA model. On CPU
-        # the same padded path runs eagerly: identical tokens, no speed-up (it exists to be tested).
-        graphs = GraphedForward(self.net, cache_obj, cfg, self.max_rows, plan.decode_window) if cuda_graphs else None
-        if cpu_steps:
-            from .cpu_compile import CompiledForward
-            graphs = CompiledForward(model.net, cache_obj, cfg, self.max_rows, plan.decode_window)
-        self.runner = ModelRunner(self.net, cache_obj, cfg, plan, graphs)
-        self.scheduler = Scheduler(max_batch, cache_obj, plan)
+        else:
+            # Decode steps padded to static shape buckets, replayed as CUDA graphs on a CUDA model. On CPU
+            # the same padded path runs eagerly: identical tokens, no speed-up (it exists to be tested).
+            graphs = GraphedForward(self.net, cache_obj, cfg, self.max_rows, plan.decode_window) if cuda_graphs else None
+            if cpu_steps:
+                from .cpu_compile import CompiledForward
+                graphs = CompiledForward(model.net, cache_obj, cfg, self.max_rows, plan.decode_window)
+            self.runner = ModelRunner(self.net, cache_obj, cfg, plan, graphs)
+            self.scheduler = Scheduler(max_batch, cache_obj, plan)
         self._requests: dict[str, Request] = {}
         self.steps = 0
 
