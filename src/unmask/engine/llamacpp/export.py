@@ -50,12 +50,14 @@ def runner_gguf(net: torch.nn.Module, cfg, weights: str = "f32") -> Path:
     if any(not v.is_floating_point() for v in state.values()):
         raise UserError("backend 'llama.cpp' takes the unquantised model: drop quantize='int8wo' and pick "
                         "llama.cpp weights (f32, f16, q8_0) instead")
+    # The cache key is the content: the weights' own bytes in their own dtype (no fp32 copy of a bf16
+    # model just to hash it), with each tensor's name, dtype and shape.
     h = hashlib.blake2b(digest_size=16)
     h.update(json.dumps([FORMAT, weights, cfg.model_dump(mode="json")], sort_keys=True).encode())
     for k in sorted(state):
-        t = state[k].detach().to("cpu", torch.float32).contiguous()
-        h.update(k.encode())
-        h.update(t.numpy().tobytes())
+        t = state[k].detach().to("cpu").contiguous()
+        h.update(f"{k}|{t.dtype}|{tuple(t.shape)}".encode())
+        h.update(memoryview(t.reshape(-1).view(torch.uint8).numpy()))
     out = cache_dir() / f"{h.hexdigest()}-{weights}.gguf"
     if out.is_file():
         return out
