@@ -38,10 +38,6 @@ class Tools:
     choice: str  # "auto", "required" or a function name
     parallel: bool = True
 
-    @property
-    def names(self) -> list[str]:
-        return [f["name"] for f in self.functions]
-
 
 def parse_tools(tools, tool_choice="auto", parallel_tool_calls=None) -> Tools | None:
     """OpenAI's fields -> Tools (None: no tools, or tool_choice "none"). UserError names the field."""

@@ -27,7 +27,7 @@ from .bridge import EngineBridge
 from .errors import APIError, error_response
 from .generate import run
 from .metrics import Metrics
-from .protocol import ChatRequest, CompletionRequest, EditRequest, ErrorResponse, FimRequest, chat_messages
+from .protocol import ChatRequest, CompletionRequest, EditRequest, ErrorResponse, FimRequest, chat_messages, content_text
 from ..errors import UserError
 from ..frontend.edit import edit_task, parse_edit
 
@@ -200,10 +200,8 @@ def create_app(model, cfg: ServerConfig | None = None, engine: Engine | None = N
 
     @app.post("/v1/edit/completions", responses=ERRORS)
     async def edit_completions(request: Request, body: EditRequest):
-        content = body.messages[0].content
-        text = content if isinstance(content, str) else "".join(p.text for p in content)
         try:
-            prefix, suffix = edit_task(parse_edit(text))
+            prefix, suffix = edit_task(parse_edit(content_text(body.messages[0].content)))
         except UserError as e:
             raise APIError(400, str(e), "messages", "invalid_value") from None
         return await run(request, st, "edit", body, prefix, suffix, body.max_tokens)

@@ -19,7 +19,7 @@ from ..engine import SamplingParams
 from .errors import APIError, as_api_error, error_body
 from .protocol import ignored, unsupported
 from ..frontend.tools import split_calls
-from ..structured import FormatError, parse_response_format
+from ..structured import parse_response_format
 
 MASK_PLACEHOLDER = "\u2591"  # what a still-masked position looks like in `canvas.text`
 
@@ -66,20 +66,12 @@ def check(body, state, max_tokens: int | None) -> None:
         raise APIError(400, "stream_options needs stream: true", "stream_options", "invalid_value")
 
 
-def parse_format(obj):
-    """response_format, checked here so that a bad one is a 400 naming its field before queueing."""
-    try:
-        return parse_response_format(obj)
-    except FormatError as e:
-        raise APIError(400, str(e), str(e).split(" ", 1)[0].rstrip(":"), "invalid_value") from None
-
-
 def sampling_params(body, max_tokens: int | None, suffix: str | None) -> SamplingParams:
     return SamplingParams(max_tokens=max_tokens, temperature=body.temperature, top_p=body.top_p,
                           policy=body.policy, threshold=body.threshold, fallback=body.fallback, steps=body.steps,
                           block_size=body.block_size, stop=body.stop, seed=body.seed, suffix=suffix,
                           stream_canvas=body.diffusing, heal=getattr(body, "heal", True),
-                          response_format=parse_format(body.response_format), reasoning_effort=body.reasoning_effort,
+                          response_format=parse_response_format(body.response_format), reasoning_effort=body.reasoning_effort,
                           top_k=body.top_k, repetition_penalty=body.repetition_penalty,
                           presence_penalty=body.presence_penalty, frequency_penalty=body.frequency_penalty,
                           **_tool_fields(body))

@@ -198,13 +198,18 @@ def unsupported(req: BaseModel) -> str | None:
     return None
 
 
+def content_text(content: str | list[ContentPart] | None) -> str | None:
+    """A message's text: a string as is, text parts joined."""
+    return content if content is None or isinstance(content, str) else "".join(p.text for p in content)
+
+
 def chat_messages(req: ChatRequest) -> list[dict]:
     """The engine's chat prompt: text parts joined; OpenAI's 'developer' role is our 'system'; tool
     calls and tool results kept for the frontend (frontend/tools.py). Raises ValueError naming the
     message that is malformed."""
     out = []
     for i, m in enumerate(req.messages):
-        content = m.content if m.content is None or isinstance(m.content, str) else "".join(p.text for p in m.content)
+        content = content_text(m.content)
         if m.role == "tool" and not m.tool_call_id:
             raise ValueError(f"messages[{i}]: a tool message needs tool_call_id (the id of the call it answers)")
         if content is None and not (m.role == "assistant" and m.tool_calls):

@@ -70,9 +70,6 @@ class OutputFormat:
     def is_json(self) -> bool:
         return self.kind in ("json_object", "json_schema")
 
-    def describe(self) -> str:
-        return self.kind if self.name is None else f"{self.kind} {self.name!r}"
-
 
 def _keys(obj: dict, allowed: set[str], where: str) -> None:
     extra = sorted(set(obj) - allowed)

@@ -17,7 +17,6 @@ from __future__ import annotations
 import weakref
 
 import numpy as np
-import torch
 
 from .formats import FormatError, OutputFormat, grammar_text
 
@@ -87,10 +86,10 @@ def _bits(mask: bytes, n: int) -> np.ndarray:
 
 
 class GrammarState:
-    def __init__(self, vocab: Vocabulary, grammar: str, fmt: OutputFormat):
+    def __init__(self, vocab: Vocabulary, grammar: str):
         import llguidance
 
-        self.vocab, self.grammar, self.format = vocab, grammar, fmt
+        self.vocab = vocab
         self.matcher = llguidance.LLMatcher(vocab.ll, grammar, log_level=0)
         self.consumed = 0
         self._need: tuple[int, int | None] | None = None  # (consumed, need) for the current state
@@ -116,9 +115,6 @@ class GrammarState:
     def allowed(self) -> np.ndarray:
         """(vocab,) bool: the tokens that may come next (EOS among them iff accepting)."""
         return _bits(self.matcher.compute_bitmask(), self.vocab.vocab_size)
-
-    def allowed_tensor(self) -> torch.Tensor:
-        return torch.from_numpy(self.allowed())
 
     def forced(self) -> list[int]:
         """Tokens the grammar forces from here (keys, punctuation), possibly none."""
@@ -264,7 +260,7 @@ def compile_format(model, fmt: OutputFormat, max_tokens: int) -> GrammarState:
         lines = [" ".join(ln.split()) for ln in err.splitlines() if ln.strip()]
         first = lines[0] + "".join(f" ({ln})" for ln in lines[1:] if ln.startswith("error:"))
         raise FormatError(f"{field} is not accepted by the grammar compiler: {first}")
-    state = GrammarState(vocab, grammar, fmt)
+    state = GrammarState(vocab, grammar)
     if state.matcher.is_error():
         raise FormatError(f"{field}: {state.matcher.get_error().splitlines()[0]}")
     first = state.allowed()
