@@ -52,6 +52,8 @@ def cmd_generate(a) -> None:
     if a.reference:
         if a.json_schema is not None or a.json_object or a.regex is not None or a.choice or a.grammar is not None:
             raise UserError("structured output (--json-schema, --regex, ...) runs on the engine; drop --reference")
+        if a.template is not None:
+            raise UserError("--template runs on the engine; drop --reference")
         if a.fallback is not None:
             raise UserError("--fallback applies to the engine's policies; drop --reference or --fallback")
         if not a.lookahead:
@@ -70,13 +72,15 @@ def cmd_generate(a) -> None:
     else:
         from .engine import Engine, SamplingParams
 
+        from .frontend.template import load_template
         from .structured.cli import from_args
 
         engine = Engine(model, max_batch=1, quantize=a.quantize, cache=a.cache, lookahead=a.lookahead,
                         backend=a.backend)
         params = SamplingParams(max_tokens=a.max_tokens, temperature=a.temperature, top_p=a.top_p, policy=a.policy,
                                 threshold=a.threshold, fallback=a.fallback, steps=a.steps, block_size=a.block_size,
-                                seed=a.seed, suffix=a.suffix, stop=a.stop, heal=a.heal, response_format=from_args(a))
+                                seed=a.seed, suffix=a.suffix, stop=a.stop, heal=a.heal, response_format=from_args(a),
+                                template=None if a.template is None else load_template(a.template))
         out = engine.generate([prompt], params)[0]
         stats = dict(text=out.text, completion_tokens=out.completion_tokens, nfe=out.nfe, seconds=out.seconds,
                      finish_reason=out.finish_reason, ttft=out.ttft)
@@ -282,6 +286,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--top-p", type=float, default=None)
     g.add_argument("--stop", action="append", default=None, help="stop string (repeatable)")
     g.add_argument("--suffix", default=None, help="text after the gap: fill in the middle")
+    g.add_argument("--template", default=None, metavar="FILE|TEXT",
+                   help="a template with holes after the prompt: text with {{hole:N}} markers (N tokens each), "
+                        "or a JSON list of strings and {\"hole\": N}; the model fills the holes (docs/templates.md)")
     g.add_argument("--no-heal", dest="heal", action="store_false",
                    help="send a prompt that ends in a newline (plus indentation) as it is; by default that "
                         "whitespace is taken off and the model rewrites it (prompt healing)")

@@ -109,6 +109,9 @@ class DecodePlan:
         if w.lo == w.hi:  # a prefill chunk: nothing scored
             return Applied([], None)
         committed = commit_block_step(r, w, commit, tokens)
+        if r.holes is not None:  # a template: a stop token ends its hole (frontend/template.py)
+            from ..frontend.template import close_holes
+            committed += close_holes(r)
         return Applied(committed, end_block(r))
 
 
@@ -127,10 +130,10 @@ def end_block(r: Request) -> str | None:
     if not r.block_done():
         return None
     b, e = r.block
-    if bool(torch.isin(r.canvas[b:e], torch.tensor(list(r.stop_ids))).any()):
+    if r.holes is None and bool(torch.isin(r.canvas[b:e], torch.tensor(list(r.stop_ids))).any()):
         return "stop"
     if r.span_idx + 1 >= len(r.spans):
-        return "length"
+        return "stop" if r.holes is not None else "length"
     r.span_idx += 1
     r.start_block()
     return None

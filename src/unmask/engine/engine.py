@@ -20,6 +20,7 @@ from ..errors import UserError
 from ..frontend.output import TextStream
 from ..frontend.params import SamplingParams
 from ..frontend.processor import InputProcessor
+from ..frontend.template import FilledHole, TemplateJob
 from .core import EngineCore, TokenEvent
 from .request import Request, RequestOutput
 
@@ -62,6 +63,7 @@ class Engine:
         self.processor = InputProcessor(self.core.model, needs_prompt=self.core.plan.needs_prompt,
                                         lookahead=self.core.lookahead)
         self._streams: dict[str, TextStream] = {}
+        self._templates: dict[str, TemplateJob] = {}  # template requests (frontend/template.py)
         self._ids = itertools.count()
 
     def __getattr__(self, name):
@@ -73,14 +75,24 @@ class Engine:
     def add_request(self, prompt, params: SamplingParams | None = None, request_id: str | None = None) -> str:
         """Validate and queue one request; raises UserError (and changes nothing) if it is bad."""
         rid = request_id or f"req-{next(self._ids)}"
-        req, stream = self.processor.process(prompt, params, rid)
-        self.core.add(req)
+        if params is not None and params.template is not None:
+            job, req, stream = self.processor.template(prompt, params, rid)
+            cache = self.core.cache
+            if cache is not None and job.need > cache.capacity_tokens:  # a chain's later holes hold more
+                raise UserError(f"template: its requests need up to {job.need} tokens of KV cache but the engine's "
+                                f"budget is {cache.capacity_tokens}; raise kv_budget_tokens or lower the holes' budgets")
+            self.core.add(req)
+            self._templates[rid] = job
+        else:
+            req, stream = self.processor.process(prompt, params, rid)
+            self.core.add(req)
         self._streams[rid] = stream
         return rid
 
     def abort(self, request_id: str) -> None:
         self.core.abort(request_id)
         self._streams.pop(request_id, None)
+        self._templates.pop(request_id, None)
 
     # ---- the step loop --------------------------------------------------------------------------
     def step(self) -> list[Event]:
@@ -90,6 +102,9 @@ class Engine:
         r, stream = ev.request, self._streams[ev.request.id]
         if ev.done == "error":
             return self._finish(r, "error", None, [])
+        job = self._templates.get(r.id)
+        if job is not None:
+            return self._template_event(ev, job, stream)
         ids, _ = r.committed_prefix()
         if ids and r.first_token_at is None:
             r.first_token_at = time.perf_counter()
@@ -103,23 +118,71 @@ class Engine:
     def _canvas(self, r: Request, committed: list[int]):
         if not r.stream_canvas:
             return None, None
+        job = self._templates.get(r.id)
+        if job is not None and job.mode == "chain":  # the whole template, the current hole in place
+            canvas, offset = job.canvas(None if job.done() else r, self.core.mask_id)
+            return canvas, [offset + c for c in committed]
         return r.generated(), committed
 
+    def _template_event(self, ev: TokenEvent, job: TemplateJob, stream: TextStream) -> Event:
+        """A step of a template request: in chain mode a finished hole starts the next one."""
+        r, tok = ev.request, self.core.model.tokenizer
+        if job.arrival is None:
+            job.arrival = r.arrival
+        if ev.done and job.mode == "chain":
+            ids, _ = r.committed_prefix()
+            job.record(ids, r.text_of(tok.decode(ids, skip_special=True)), ev.done)
+            if not job.done():
+                self.core.finish(r, ev.done)
+                job.nfe, job.prompt_tokens = job.nfe + r.nfe, job.prompt_tokens + len(r.head) + len(r.tail)
+                job.preemptions += r.preemptions
+                try:
+                    nxt = self.processor.template_request(job, r.id)
+                    nxt.arrival, nxt.first_token_at = job.arrival, r.first_token_at
+                    self.core.add(nxt)
+                except Exception as e:  # a later hole that cannot run fails this request alone
+                    r.error, r.finish_reason = f"{type(e).__name__}: {e}", "error"
+                    self._streams.pop(r.id, None)
+                    self._templates.pop(r.id, None)
+                    return Event(r.id, "", True, self._output(r, "", [], job))
+                return Event(r.id, stream.delta(job.visible(None, tok)), False, None, *self._canvas(nxt, []))
+        if r.first_token_at is None and r.committed_prefix()[0]:
+            r.first_token_at = time.perf_counter()
+        if ev.done:
+            return self._finish(r, ev.done, None, ev.committed)
+        return Event(r.id, stream.delta(job.visible(r, tok)), False, None, *self._canvas(r, ev.committed))
+
     def _finish(self, r: Request, reason: str, cut: str | None, committed: list[int]) -> Event:
+        canvas = self._canvas(r, committed)
         self.core.finish(r, reason)
         stream = self._streams.pop(r.id)
-        delta, text, ids = stream.finish(r.committed_prefix()[0], cut)
-        return Event(r.id, delta, True, self._output(r, text, ids), *self._canvas(r, committed))
+        job = self._templates.pop(r.id, None)
+        if job is None:
+            delta, text, ids = stream.finish(r.committed_prefix()[0], cut)
+            return Event(r.id, delta, True, self._output(r, text, ids), *canvas)
+        tok = self.core.model.tokenizer
+        running = None if job.mode == "chain" else r
+        ids, texts, finish = job.holes_of(running, tok)
+        text = job.visible(running, tok)
+        delta, stream.emitted = text[stream.emitted:], len(text)
+        if reason != "error":  # "length" when a hole ran to its budget, as a completion cut at max_tokens
+            r.finish_reason = "length" if "length" in finish else "stop"
+        out = self._output(r, text, [t for h in ids for t in h], job)
+        out.holes = [FilledHole(t, i, f) for t, i, f in zip(texts, ids, finish)]
+        return Event(r.id, delta, True, out, *canvas)
 
     @staticmethod
-    def _output(r: Request, text: str, ids: list[int]) -> RequestOutput:
-        seconds = (r.finished_at or time.perf_counter()) - r.arrival
+    def _output(r: Request, text: str, ids: list[int], job: TemplateJob | None = None) -> RequestOutput:
+        """ids: the generated tokens (a template's: its holes' tokens, not its text spans')."""
+        arrival = job.arrival if job is not None and job.arrival is not None else r.arrival
+        nfe = r.nfe + (job.nfe if job else 0)
+        seconds = (r.finished_at or time.perf_counter()) - arrival
         return RequestOutput(
             request_id=r.id, text=text, token_ids=ids, finish_reason=r.finish_reason,
-            prompt_tokens=len(r.head) + len(r.tail), completion_tokens=len(ids), nfe=r.nfe,
-            tokens_per_forward=len(ids) / max(r.nfe, 1), seconds=seconds,
-            ttft=None if r.first_token_at is None else r.first_token_at - r.arrival,
-            preemptions=r.preemptions, error=r.error,
+            prompt_tokens=len(r.head) + len(r.tail) + (job.prompt_tokens if job else 0), completion_tokens=len(ids),
+            nfe=nfe, tokens_per_forward=len(ids) / max(nfe, 1), seconds=seconds,
+            ttft=None if r.first_token_at is None else r.first_token_at - arrival,
+            preemptions=r.preemptions + (job.preemptions if job else 0), error=r.error,
         )
 
     # ---- convenience ----------------------------------------------------------------------------

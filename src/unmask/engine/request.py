@@ -29,6 +29,7 @@ class RequestOutput:
     ttft: float | None
     preemptions: int = 0
     error: str | None = None
+    holes: list | None = None  # a template's holes as filled, in order (frontend.template.FilledHole)
 
 
 @dataclass
@@ -44,6 +45,11 @@ class Request:
     heal_mask: torch.Tensor | None = None  # (vocab,) bool: the tokens allowed first (set iff heal)
     lookahead: bool = False  # may this request's steps carry a lookahead row (engine/lookahead.py)
     constraint: object | None = None  # structured.state.GrammarState: the output's grammar (structured/stage.py)
+    # A template in one canvas (frontend/template.py): the generated region's initial content (fixed
+    # ids, -1 at hole positions; its length is max_tokens) and the holes' absolute spans. A stop token
+    # ends its hole, not the request; the request is done when no position is masked.
+    region: list[int] | None = None
+    holes: list[tuple[int, int]] | None = None
     arrival: float = field(default_factory=time.perf_counter)
     # runtime state, reset on preemption
     pages: list[int] = field(default_factory=list)
@@ -66,7 +72,8 @@ class Request:
 
     def reset(self) -> None:
         """Back to an untouched canvas (used at creation and when preempted)."""
-        self.canvas = torch.tensor(self.head + [-1] * self.s.max_tokens + self.tail, dtype=torch.long)
+        region = self.region if self.region is not None else [-1] * self.s.max_tokens
+        self.canvas = torch.tensor(self.head + region + self.tail, dtype=torch.long)
         self.generator = make_generator(self.seed, "cpu") if self.s.temperature > 0 else None
         self.cached = 0  # positions [0, cached) hold final keys/values in the cache
         self.cur = self.lo  # causal models: the next position to fill
@@ -75,9 +82,13 @@ class Request:
         self.draft_conf: torch.Tensor | None = None  # and their confidences
         if self.constraint is not None:
             self.constraint.reset()
-        self.spans = block_spans(self.lo, self.hi, self.s.block_size)
+        # Blocks with a position to decode (a template's fixed spans may fill whole blocks), and the
+        # masks in each: the steps are shared out by those.
+        open_ = self.canvas == -1
+        self.spans = [(b, e) for b, e in block_spans(self.lo, self.hi, self.s.block_size) if bool(open_[b:e].any())]
+        self._open = [int(open_[b:e].sum()) for b, e in self.spans]
         self.span_idx = 0
-        self.block_steps = steps_per_block([e - b for b, e in self.spans], self.s.steps)
+        self.block_steps = steps_per_block(self._open, self.s.steps)
         self.start_block()
 
     def set_mask_id(self, mask_id: int) -> None:
@@ -86,8 +97,7 @@ class Request:
 
     def start_block(self) -> None:
         if self.span_idx < len(self.spans):
-            b, e = self.spans[self.span_idx]
-            self.schedule = num_transfer_tokens(e - b, self.block_steps[self.span_idx])
+            self.schedule = num_transfer_tokens(self._open[self.span_idx], self.block_steps[self.span_idx])
         self.step_in_block = 0
         self.since_refresh = 0
         self.draft = self.draft_conf = None
@@ -101,8 +111,7 @@ class Request:
 
     def next_topk_k(self) -> int:
         """topk_k of the next block's first step."""
-        b, e = self.spans[self.span_idx + 1]
-        return num_transfer_tokens(e - b, self.block_steps[self.span_idx + 1])[0]
+        return num_transfer_tokens(self._open[self.span_idx + 1], self.block_steps[self.span_idx + 1])[0]
 
     def heal_at(self, window: Window) -> int | None:
         """The index, among this forward's scored positions, of the first generated position while

@@ -28,6 +28,10 @@ class SamplingParams:
     stop: list[str] | str | None = None
     seed: int | None = None
     suffix: str | None = None  # fill-in-the-middle
+    # A template with holes (frontend/template.py): text spans and Hole(max_tokens) / {"hole": n}
+    # items after the prompt; the model fills the holes, the spans stay as given. max_tokens is then
+    # the holes' budgets.
+    template: list | None = None
     stream_canvas: bool = False  # stream the whole canvas at every step
     # Prompt healing (engine/healing.py): a text prompt ending in a newline plus indentation is sent
     # without that whitespace and the model rewrites it; the text comes back relative to the prompt.

@@ -2,6 +2,7 @@
 fill-in-the-middle), parameter resolution against the model's defaults, stop ids."""
 from __future__ import annotations
 
+import dataclasses
 import secrets
 
 from ..engine.request import Request
@@ -9,7 +10,8 @@ from ..errors import UserError
 from .healing import ASCII_WHITESPACE, HealMasks, split_trailing_whitespace
 from .output import TextStream
 from .params import SamplingParams, resolve
-from .prompt import is_chat, layout_prompt
+from .prompt import encode_prompt, fim_layout, has_fim, is_chat, layout_prompt
+from .template import TemplateJob
 from ..structured.formats import parse_response_format
 from .tools import chat_for_model, output_format, parse_tools
 from ..structured.state import compile_format
@@ -60,6 +62,70 @@ class InputProcessor:
                       heal=ws, heal_mask=heal_mask, lookahead=self.lookahead and s.temperature == 0 and fmt is None,
                       constraint=constraint)
         return req, TextStream(model.tokenizer, ws, s.stop)
+
+    # ---- templates with holes (frontend/template.py) ----------------------------------------------
+    def template(self, prompt, params: SamplingParams, request_id: str) -> tuple[TemplateJob, Request, TextStream]:
+        """Validate a template request; its job and the core request for its canvas (canvas mode) or
+        its first hole (chain mode)."""
+        for name, given in (("suffix", params.suffix is not None), ("response_format", params.response_format is not None),
+                            ("tools", bool(params.tools)), ("stop", bool(params.stop))):
+            if given:
+                raise UserError(f"{name} does not combine with a template: the template's text spans are the "
+                                "context, and each hole ends at its budget or the model's end of text")
+        job = TemplateJob.build(self.model, prompt, params.template)
+        total, ctx = sum(job.budgets), self.model.config.max_seq_len
+        if params.max_tokens is not None and total > params.max_tokens:
+            raise UserError(f"max_tokens is {params.max_tokens} but the template's holes ask for {total} tokens in all; "
+                            "lower the holes' budgets")
+        if job.mode == "canvas":
+            job.need = len(encode_prompt(self.model.tokenizer, prompt, self.model.config.vocab_size)) \
+                + sum(len(f) for f in job.fixed if f is not None) + total
+        else:
+            job.plan_chain(self.model.tokenizer, lambda text: self._heal(text, params.heal))
+        if job.need > ctx:
+            raise UserError(f"template: the prompt, the text spans and the holes' budgets need {job.need} tokens, but "
+                            f"the model's context is {ctx}; shorten the template or lower the holes' budgets")
+        if job.mode == "canvas" and self.needs_prompt and not prompt and job.fixed[0] is None:
+            raise UserError("template: it starts with a hole and the prompt is empty; this model scores each position "
+                            "from the one before it, so give a prompt or start the template with text")
+        job.params = dataclasses.replace(params, template=None, max_tokens=None)
+        job.seed = params.seed if params.seed is not None else secrets.randbits(63)
+        if job.mode == "canvas":  # its text spans are context the model reads, as a prompt is
+            job.prompt_tokens = sum(len(f) for f in job.fixed if f is not None)
+        return job, self.template_request(job, request_id), TextStream(self.model.tokenizer)
+
+    def template_request(self, job: TemplateJob, request_id: str) -> Request:
+        """The core request for a template's canvas, or for the next hole of its chain."""
+        model, params = self.model, job.params
+        stop_ids = self.stop_ids(chat=False)
+        if job.mode == "canvas":
+            head = encode_prompt(model.tokenizer, job.prompt, model.config.vocab_size)
+            region, spans = job.region()
+            s = resolve(model, dataclasses.replace(params, max_tokens=len(region)), len(head))
+            lo = len(head)
+            return Request(request_id, head, [], s, job.seed, params.stream_canvas, stop_ids,
+                           region=region, holes=[(lo + a, lo + b) for a, b in spans])
+        prefix, suffix, ws, budget = job.chain_prompt()
+        if has_fim(model.tokenizer):
+            head, tail = fim_layout(model, prefix, suffix), []
+        else:  # no fill-in-the-middle tokens: the hole sees what is before it only
+            head, tail = prefix, []
+        heal_mask = self._heal_masks(ws) if ws else None
+        if self.needs_prompt and not head:
+            raise UserError("template: it starts with a hole and the prompt is empty; this model scores each position "
+                            "from the one before it, so give a prompt or start the template with text")
+        s = resolve(model, dataclasses.replace(params, max_tokens=budget), len(head) + len(tail))
+        seed = job.seed + job.current if s.temperature > 0 else None
+        return Request(request_id, head, tail, s, seed, params.stream_canvas, stop_ids, heal=ws, heal_mask=heal_mask,
+                       lookahead=self.lookahead and s.temperature == 0)
+
+    def _heal(self, text: str, heal: bool) -> tuple[str, str]:
+        """(text, "") or (text less its trailing newline-and-indentation, that whitespace) when
+        healing is on and some token can start with it."""
+        if not heal:
+            return text, ""
+        kept, ws = split_trailing_whitespace(text, ASCII_WHITESPACE)
+        return (kept, ws) if ws and self._heal_masks(ws) is not None else (text, "")
 
     def stop_ids(self, chat: bool) -> frozenset[int]:
         """EOS; a chat turn also ends at the tokenizer's end-of-turn token and at the other end ids a

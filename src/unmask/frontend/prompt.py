@@ -57,10 +57,20 @@ def layout_prompt(model, prompt, suffix: str | None = None,
     tail = list(tok.encode(suffix, allow_special=False))
     if model.config.attention == "full":
         return head, tail
-    if None in (tok.fim_prefix_id, tok.fim_suffix_id, tok.fim_middle_id):
+    if not has_fim(tok):
         raise UserError("suffix (fill-in-the-middle) needs a model that sees the suffix (full attention) or has "
                         "fill-in-the-middle tokens; this model's tokenizer has no <|fim_prefix|>/<|fim_suffix|>/"
                         "<|fim_middle|>")
+    return fim_layout(model, head, tail), []
+
+
+def has_fim(tokenizer) -> bool:
+    return None not in (tokenizer.fim_prefix_id, tokenizer.fim_suffix_id, tokenizer.fim_middle_id)
+
+
+def fim_layout(model, head: list[int], tail: list[int]) -> list[int]:
+    """The prompt a block or causal model fills a middle after: its generation config's layout."""
+    tok = model.tokenizer
     if model.generation.fim_layout == "spm":
-        return [tok.fim_suffix_id, *tail, tok.fim_prefix_id, *head], []
-    return [tok.fim_prefix_id, *head, tok.fim_suffix_id, *tail, tok.fim_middle_id], []
+        return [tok.fim_suffix_id, *tail, tok.fim_prefix_id, *head]
+    return [tok.fim_prefix_id, *head, tok.fim_suffix_id, *tail, tok.fim_middle_id]
