@@ -99,3 +99,41 @@ def test_playground_generates_and_shows_the_canvas(browser, tiny, tmp_path):  # 
     assert all(f["fresh"] >= 1 for f in frames)  # every step highlights what it committed
     assert [f["masked"] for f in frames] == sorted((f["masked"] for f in frames), reverse=True)
     assert shot.stat().st_size > 10_000
+
+
+def test_playground_fills_a_template(browser, tmp_path):
+    """The template box: fixed spans drawn as template text from the first step, the holes filling,
+    the final text and the holes equal to the API's."""
+    import httpx
+
+    model = unmask.load(Path(__file__).resolve().parents[1] / "models" / "unmask-coder")
+    template = 'def area(r):\n    {{hole:12}}\n\ndef sub(a, b):\n    return {{hole:6}}\n'
+    with live(model) as s:
+        page = browser.new_page(viewport={"width": 1280, "height": 760})
+        page.goto(s.url + "/")
+        page.wait_for_function("document.querySelector('#model').textContent.includes('ctx')")
+        page.fill("#prompt", "import math\n\n")
+        page.fill("#template", template)
+        page.evaluate("""() => { window.frames_ = [];
+            new MutationObserver((records) => { for (const r of records) {
+                const spans = [...r.addedNodes];
+                if (spans.length) window.frames_.push({
+                  masked: spans.filter((n) => n.classList.contains('masked')).length,
+                  fixed: spans.filter((n) => n.classList.contains('fixed')).map((n) => n.textContent).join('')});
+            } }).observe(document.querySelector('#canvas'), {childList: true}); }""")
+        page.click("#generate")
+        page.wait_for_function("document.querySelector('#status').textContent.startsWith('done')", timeout=120_000)
+        frames = page.evaluate("window.frames_")
+        text = page.inner_text("#output")
+        holes = page.inner_text("#holes")
+        page.screenshot(path=str(tmp_path / "template.png"), full_page=True)
+        page.close()
+        body = {"prompt": "import math\n\n", "template": ["def area(r):\n    ", {"hole": 12},
+                "\n\ndef sub(a, b):\n    return ", {"hole": 6}, "\n"]}
+        api = httpx.post(s.url + "/v1/completions", json=body, timeout=120).json()["choices"][0]
+    assert text == api["text"]
+    assert len(holes.splitlines()) == 2 and str(api["holes"][0]["tokens"]) in holes
+    assert frames[0]["masked"] > 0 and frames[-1]["masked"] == 0
+    # the template's text is on the canvas from the first step, marked as such (whitespace shown)
+    for f in frames:
+        assert f["fixed"].startswith("def area(r):") and "def sub(a, b):" in f["fixed"]

@@ -82,7 +82,7 @@ def test_bad_requests(tok):
         params = {"template": T1, **kw}
         with pytest.raises(UserError, match=says):
             eng.add_request("x", SamplingParams(**params))
-    with pytest.raises(UserError, match="a template needs a text prompt"):
+    with pytest.raises(UserError, match="prompt must be text with a template"):
         eng.add_request([{"role": "user", "content": "hi"}], SamplingParams(template=T1))
     assert not eng.has_work()  # nothing was queued
 
@@ -224,3 +224,45 @@ def test_family_fixtures(family):
     check_shape(alone, t, m.tokenizer)
     outs = eng.generate(["# f\n", "# g\n"], [SamplingParams(template=t, temperature=0)] * 2)
     assert outs[0].text == alone.text
+
+
+# ---- HTTP ----------------------------------------------------------------------------------------
+def test_http_template(tok):
+    import json
+
+    import httpx
+    from openai import OpenAI
+
+    from test_server_support import live
+
+    m = random_pretrained(tok, "full", max_seq_len=128, peak=2.0)
+    want = fill(Engine(m), T1)
+    body = {"prompt": "x = 1\n", "template": ["def ", {"hole": 5}, "(a, b):\n    return ", {"hole": 6}, "\n\nclass Stack:\n"],
+            "temperature": 0}
+    with live(m, max_tokens_limit=32) as srv:
+        r = httpx.post(f"{srv.url}/v1/completions", json=body, timeout=60).json()
+        c = r["choices"][0]
+        assert c["text"] == want.text and c["finish_reason"] == want.finish_reason
+        assert c["holes"] == [{"text": h.text, "finish_reason": h.finish_reason, "tokens": len(h.token_ids)}
+                              for h in want.holes]
+        # the official client sends it through extra_body
+        client = OpenAI(base_url=f"{srv.url}/v1", api_key="x", max_retries=0)
+        got = client.completions.create(model=srv.state.model_name, prompt="x = 1\n", temperature=0,
+                                        extra_body={"template": body["template"]})
+        assert got.choices[0].text == want.text and got.choices[0].model_extra["holes"] == c["holes"]
+        # streamed: the text deltas add up, the last chunk lists the holes; diffusing shows the canvas
+        with httpx.stream("POST", f"{srv.url}/v1/completions", json={**body, "stream": True, "diffusing": True},
+                          timeout=60) as s:
+            chunks = [json.loads(x[6:]) for x in s.iter_lines() if x.startswith("data: {")]
+        assert "".join(ch["choices"][0]["text"] for ch in chunks) == want.text
+        assert chunks[-1]["choices"][0]["holes"] == c["holes"]
+        assert chunks[0]["choices"][0]["canvas"]["masked"] > 0 and chunks[-1]["choices"][0]["canvas"]["masked"] == 0
+        # bad input: a 400 naming the field
+        for bad, param in [({"template": ["a"]}, "template"), ({"template": ["a", {"hole": 0}]}, "template.1"),
+                           ({"template": ["a", {"hole": 100}, "b"]}, "template"),
+                           ({"template": ["a", {"hole": 2}, {"hole": 2}]}, "template"),
+                           ({"template": ["a", {"hole": 4}], "suffix": "z"}, "suffix"),
+                           ({"template": ["a", {"hole": 4}, "b"], "prompt": [1, 2]}, "prompt")]:
+            resp = httpx.post(f"{srv.url}/v1/completions", json={**body, **bad}, timeout=60)
+            assert resp.status_code == 400, (bad, resp.text)
+            assert resp.json()["error"]["param"] == param, (bad, resp.json())

@@ -35,6 +35,7 @@ class Event:
     output: RequestOutput | None = None
     canvas: list[int] | None = None  # generated region; mask_id marks still-masked positions
     committed: list[int] | None = None  # positions (relative to the generated region) committed this step
+    holes: list[tuple[int, int]] | None = None  # a template's hole spans in `canvas` (the rest is its text)
 
 
 # What the Engine shows of its core (tests, the server's metrics and the bench read these).
@@ -116,13 +117,16 @@ class Engine:
         return Event(r.id, stream.delta(text), False, None, *self._canvas(r, ev.committed))
 
     def _canvas(self, r: Request, committed: list[int]):
+        """(canvas, committed, hole spans) for a `diffusing` stream; Nones without one."""
         if not r.stream_canvas:
-            return None, None
+            return None, None, None
         job = self._templates.get(r.id)
-        if job is not None and job.mode == "chain":  # the whole template, the current hole in place
-            canvas, offset = job.canvas(None if job.done() else r, self.core.mask_id)
-            return canvas, [offset + c for c in committed]
-        return r.generated(), committed
+        if job is not None:  # the whole template: fixed text, holes as filled, the running hole in place
+            canvas, offset, spans = job.canvas(None if job.done() else r, self.core.mask_id)
+            if job.mode == "chain" and job.done():  # the last hole just finished
+                offset = spans[-1][0]
+            return canvas, [offset + c for c in committed], spans
+        return r.generated(), committed, None
 
     def _template_event(self, ev: TokenEvent, job: TemplateJob, stream: TextStream) -> Event:
         """A step of a template request: in chain mode a finished hole starts the next one."""

@@ -120,7 +120,7 @@ class TemplateJob:
     @classmethod
     def build(cls, model, prompt, template) -> TemplateJob:
         if not isinstance(prompt, str):
-            raise UserError("a template needs a text prompt (the text before the template; it may be empty), "
+            raise UserError("prompt must be text with a template (the text before it; it may be empty), "
                             "not token ids or a chat")
         segments = parse_template(template)
         tok = model.tokenizer
@@ -240,24 +240,28 @@ class TemplateJob:
             k += 1
         return "".join(out)
 
-    def canvas(self, r, mask_id: int) -> tuple[list[int], int]:
-        """Chain mode's whole-template canvas for a `diffusing` stream (the current hole's canvas in
-        place, masks for the holes to come) and the offset of the current hole in it."""
-        out, k, offset = [], 0, 0
+    def canvas(self, r, mask_id: int) -> tuple[list[int], int, list[tuple[int, int]]]:
+        """The whole template as a canvas for a `diffusing` stream, the offset of the running request's
+        generated region in it, and each hole's span. Chain mode: finished holes as written, the
+        current hole's canvas in place, masks for the holes to come."""
+        if self.mode == "canvas":
+            return r.generated(), 0, self.region()[1]
+        out, spans, k, offset = [], [], 0, 0
         for seg, ids in zip(self.segments, self.fixed):
             if ids is not None:
                 out += ids
-            elif k < len(self.fills):
+                continue
+            start = len(out)
+            if k < len(self.fills):
                 out += self.fill_ids[k]
-                k += 1
             elif k == len(self.fills) and r is not None:
                 offset = len(out)
                 out += r.generated()
-                k += 1
             else:
                 out += [mask_id] * seg.max_tokens
-                k += 1
-        return out, offset
+            spans.append((start, len(out)))
+            k += 1
+        return out, offset, spans
 
 
 def close_holes(r) -> list[int]:

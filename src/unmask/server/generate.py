@@ -67,7 +67,10 @@ def check(body, state, max_tokens: int | None) -> None:
 
 
 def sampling_params(body, max_tokens: int | None, suffix: str | None) -> SamplingParams:
-    return SamplingParams(max_tokens=max_tokens, temperature=body.temperature, top_p=body.top_p,
+    template = getattr(body, "template", None)
+    if template is not None:
+        template = [s if isinstance(s, str) else {"hole": s.hole} for s in template]
+    return SamplingParams(template=template,max_tokens=max_tokens, temperature=body.temperature, top_p=body.top_p,
                           policy=body.policy, threshold=body.threshold, fallback=body.fallback, steps=body.steps,
                           block_size=body.block_size, stop=body.stop, seed=body.seed, suffix=suffix,
                           stream_canvas=body.diffusing, heal=getattr(body, "heal", True),
@@ -89,7 +92,12 @@ def _tool_fields(body) -> dict:
 
 async def run(request: Request, state, kind: str, body, prompt, suffix: str | None, max_tokens: int | None):
     check(body, state, max_tokens)
-    if max_tokens is None and state.max_tokens_limit < state.model.generation.max_tokens:
+    if getattr(body, "template", None) is not None:
+        total = sum(s.hole for s in body.template if not isinstance(s, str))
+        if total > state.max_tokens_limit:
+            raise APIError(400, f"template: its holes ask for {total} tokens in all but this server's limit is "
+                                f"{state.max_tokens_limit}; lower the holes' budgets", "template", "invalid_value")
+    elif max_tokens is None and state.max_tokens_limit < state.model.generation.max_tokens:
         max_tokens = state.max_tokens_limit  # the server's cap applies to the model's default too
     if state.pending >= state.max_pending:
         raise APIError(429, f"the server is at capacity ({state.pending} requests in flight); retry shortly",
@@ -172,6 +180,11 @@ def usage(out) -> dict:
             "total_tokens": out.prompt_tokens + out.completion_tokens}
 
 
+def holes(out) -> list[dict]:
+    """A template's filled holes (our extension to the completion choice)."""
+    return [{"text": h.text, "finish_reason": h.finish_reason, "tokens": len(h.token_ids)} for h in out.holes]
+
+
 def stats(out) -> dict:
     return {"nfe": out.nfe, "tokens_per_forward": round(out.tokens_per_forward, 4),
             "seconds": round(out.seconds, 6), "ttft": None if out.ttft is None else round(out.ttft, 6),
@@ -193,6 +206,8 @@ def _final(job: Job, out, state) -> dict:
                 choice["finish_reason"] = "tool_calls" if out.finish_reason == "stop" else out.finish_reason
     else:
         choice = {"index": 0, "text": out.text, "finish_reason": out.finish_reason, "logprobs": None}
+        if out.holes is not None:
+            choice["holes"] = holes(out)
     return {"id": job.rid, "object": OBJECTS[job.kind][0], "created": job.created, "model": job.model, "system_fingerprint": None, "choices": [choice],
             "usage": usage(out), "stats": stats(out)}
 
@@ -268,6 +283,8 @@ def _chunk(job: Job, ev, state) -> dict:
         choice = {"index": 0, "delta": delta, "finish_reason": reason, "logprobs": None}
     else:
         choice = {"index": 0, "text": ev.delta, "finish_reason": reason, "logprobs": None}
+        if ev.finished and ev.output.holes is not None:
+            choice["holes"] = holes(ev.output)
     if ev.canvas is not None:
         choice["canvas"] = render_canvas(ev, job.events, state)
     out = {**_head(job), "choices": [choice]}
@@ -281,6 +298,9 @@ def render_canvas(ev, step: int, state) -> dict:
     `text`; `committed` lists the positions this step committed (all other non-null ones were earlier)."""
     mask_id, piece = state.mask_id, state.piece
     tokens = [None if t == mask_id else piece(t) for t in ev.canvas]
-    return {"step": step, "tokens": tokens, "committed": ev.committed or [],
+    out = {"step": step, "tokens": tokens, "committed": ev.committed or [],
             "text": "".join(MASK_PLACEHOLDER if t is None else t for t in tokens),
             "masked": sum(t is None for t in tokens)}
+    if ev.holes is not None:  # a template: the holes' spans in `tokens` (the rest is its fixed text)
+        out["holes"] = [list(h) for h in ev.holes]
+    return out

@@ -85,11 +85,18 @@ class _Healing(_Strict):
                                          "sent without it and the model rewrites it; false sends it as is.")
 
 
+class TemplateHole(_Strict):
+    hole: int = Field(..., ge=1, description="The most tokens the model may write in this hole.")
+
+
 class CompletionRequest(_Sampling, _Healing):
     prompt: str | Annotated[list[int], Field(min_length=1)] | Annotated[list[str], Field(min_length=1, max_length=1)] \
         | Annotated[list[list[int]], Field(min_length=1, max_length=1)] = Field(
             ..., description="Text or token ids; one prompt per request.")
     suffix: str | None = Field(None, description="Text after the gap: fill in the middle.")
+    template: Annotated[list[str | TemplateHole], Field(min_length=1, max_length=512)] | None = Field(
+        None, description="A template with holes after the prompt: text spans (strings) and {\"hole\": max_tokens}; "
+                          "the model fills the holes and each choice lists them in `holes` (docs/templates.md).")
     echo: bool = False
     logprobs: int | None = None
     best_of: int | None = None

@@ -26,8 +26,22 @@ function show(tok) {
   return tok.replace(/\n/g, "↵\n").replace(/\t/g, "⇥");
 }
 
+// A template's text with {{hole:N}} markers -> the API's list of text spans and {"hole": N}.
+function parseTemplate(text) {
+  const out = [];
+  let at = 0;
+  for (const m of text.matchAll(/\{\{hole:(\d+)\}\}/g)) {
+    if (m.index > at) out.push(text.slice(at, m.index));
+    out.push({ hole: Number(m[1]) });
+    at = m.index + m[0].length;
+  }
+  if (at < text.length) out.push(text.slice(at));
+  return out;
+}
+
 function drawCanvas(canvas) {
   const fresh = new Set(canvas.committed);
+  const inHole = (i) => !canvas.holes || canvas.holes.some(([a, b]) => a <= i && i < b);
   const frag = document.createDocumentFragment();
   canvas.tokens.forEach((tok, i) => {
     const span = document.createElement("span");
@@ -35,7 +49,7 @@ function drawCanvas(canvas) {
       span.className = "tok masked";
       span.textContent = "░";
     } else {
-      span.className = fresh.has(i) ? "tok new" : "tok";
+      span.className = fresh.has(i) ? "tok new" : inHole(i) ? "tok" : "tok fixed";
       span.textContent = show(tok);
     }
     frag.appendChild(span);
@@ -61,9 +75,11 @@ async function generate() {
   };
   const suffix = $("suffix").value;
   if (suffix) body.suffix = suffix;
+  const template = $("template").value;
+  if (template) { body.template = parseTemplate(template); delete body.max_tokens; }
   controller = new AbortController();
   $("generate").disabled = true; $("stop").disabled = false;
-  $("output").textContent = ""; $("canvas").replaceChildren();
+  $("output").textContent = ""; $("canvas").replaceChildren(); $("holes").replaceChildren();
   for (const id of ["stat-tps", "stat-nfe", "stat-tpf", "stat-tokens", "stat-latency"]) $(id).textContent = "–";
   setStatus("generating…");
   try {
@@ -81,6 +97,14 @@ async function generate() {
   } finally {
     $("generate").disabled = false; $("stop").disabled = true; controller = null;
   }
+}
+
+function drawHoles(holes) {
+  $("holes").replaceChildren(...holes.map((h) => {
+    const li = document.createElement("li");
+    li.textContent = `${JSON.stringify(h.text)} · ${h.tokens} tokens · ${h.finish_reason}`;
+    return li;
+  }));
 }
 
 async function readStream(res) {
@@ -105,6 +129,7 @@ async function readStream(res) {
         text += choice.text;
         $("output").textContent = text;
         if (choice.finish_reason) setStatus(`done (${choice.finish_reason})`);
+        if (choice.holes) drawHoles(choice.holes);
       }
       if (chunk.stats) drawStats(chunk.stats, chunk.usage);
     }
