@@ -6,7 +6,7 @@ several models and decodings, as JSON and a PNG.
         models/unmask-coder-ar
     .venv/bin/python bench/frontier.py --out bench/results/frontier.json --plot bench/results/frontier.png
 
-An arm is `DIR[:POLICY[:THRESHOLD[:FALLBACK]]]` (POLICY `topk1` = one token per forward, the most
+An arm is `DIR[:POLICY[:THRESHOLD[:FALLBACK[:REMASK]]]]` (REMASK: the self-correction threshold; POLICY `topk1` = one token per forward, the most
 confident; `leftmost` = one per forward, left to right). Per arm: HumanEval (164 problems, greedy, 256
 tokens) pass@1 and syntax validity, single-line infill on all 1033 lines of the canonical solutions,
 held-out line completion (100 lines), each with its tokens per forward (a count, so the curve does
@@ -36,9 +36,10 @@ def decoding_of(arm: str):
         return path, Decoding(arm, policy="topk", steps_ratio=1.0)
     if policy == "leftmost":  # no position reaches 1.01: the fallback commits the leftmost, one per step
         return path, Decoding(arm, policy="threshold", threshold=1.0, fallback="leftmost")
-    threshold = float(rest[1]) if len(rest) > 1 else None
-    fallback = rest[2] if len(rest) > 2 else None
-    return path, Decoding(arm, policy=policy, threshold=threshold, fallback=fallback)
+    threshold = float(rest[1]) if len(rest) > 1 and rest[1] else None
+    fallback = rest[2] if len(rest) > 2 and rest[2] else None
+    remask = float(rest[3]) if len(rest) > 3 else None
+    return path, Decoding(arm, policy=policy, threshold=threshold, fallback=fallback, remask=remask)
 
 
 def run_arm(arm: str, evals, batch: int) -> dict:
@@ -106,7 +107,7 @@ def plot(rows: list[dict], png: Path, recorded: list[dict] = ()) -> None:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("arms", nargs="*", help="DIR[:POLICY[:THRESHOLD[:FALLBACK]]]")
+    ap.add_argument("arms", nargs="*", help="DIR[:POLICY[:THRESHOLD[:FALLBACK[:REMASK]]]]")
     ap.add_argument("--out", required=True, help="JSON of rows (appended to; arms already there are skipped)")
     ap.add_argument("--evals", default=",".join(EVALS), help="comma-separated subset of humaneval,infill,lines")
     ap.add_argument("--batch", type=int, default=16, help="requests in flight")

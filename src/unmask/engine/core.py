@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..decode import make_plan
+from ..decode import make_plan, remask
 from ..errors import UserError
 from ..sampling.penalties import penalise
 from ..sampling.policies import ENTROPY, LEARNED, LEFTMOST, MARGIN, StepParams, propose_batch, select_commits
@@ -65,6 +65,7 @@ class TokenEvent:
     request: Request
     committed: list[int]
     done: str | None = None
+    revised: list[int] | None = None  # positions sent back to mask by this step (decode/remask.py)
 
 
 class EngineCore:
@@ -154,6 +155,13 @@ class EngineCore:
         if self.cache is not None and req.length > self.cache.capacity_tokens:
             raise UserError(f"the request needs {req.length} tokens of KV cache but the engine's budget is "
                             f"{self.cache.capacity_tokens}; raise kv_budget_tokens or lower max_tokens")
+        if req.s.remask > 0 and self.plan.single_open:
+            raise UserError("remask applies to diffusion models; an autoregressive model commits each token once, "
+                            "left to right, and never revises it")
+        if req.s.remask > 0 and (getattr(self.runner, "graphs", None) is not None or self.backend != "torch"):
+            raise UserError("remask adds a verification row per request, which the engine's fixed-shape steps "
+                            "(cuda_graphs, compile on a CPU) and the llama.cpp backend do not carry; use an engine "
+                            "without them")
         req.set_mask_id(self.mask_id)
         self._requests[req.id] = req
         self.scheduler.add(req)
@@ -210,10 +218,12 @@ class EngineCore:
                 tables.append(r.pages)
                 scratch.append(None)
             self.lookahead_rows += len(ahead)
+        # remask (decode/remask.py): a row per request checking one committed position, hidden
+        hidden = self._verify_rows(reqs, windows, canvases, tables, rows, scratch, borrowed)
         try:
             # A runner with per-request state of its own (llama.cpp's sequences) is told whose rows these are.
             extra = {"owners": rows} if getattr(self.runner, "needs_owners", False) else {}
-            logits, valid = self.runner.forward(canvases, windows, tables, scratch if ahead else None, **extra)
+            logits, valid = self.runner.forward(canvases, windows, tables, scratch if ahead or hidden else None, **extra)
         finally:
             if borrowed:
                 self.cache.release(borrowed)
@@ -222,12 +232,15 @@ class EngineCore:
         for i, (c, w) in enumerate(zip(canvases, windows)):
             active[i, : w.hi - w.lo] = c[w.lo:w.hi]
         masked = valid & (active == self.mask_id)
+        verify = {j for j, _ in hidden.values()}
         fallback = [r.s.fallback_id for r in rows]
         params = StepParams(
             policy=torch.tensor([r.s.policy_id for r in rows]),
-            k=torch.tensor([r.topk_k() if j < n else r.next_topk_k() for j, r in enumerate(rows)]),
+            k=torch.tensor([r.topk_k() if j < n or j in verify else r.next_topk_k() for j, r in enumerate(rows)]),
             threshold=torch.tensor([r.s.threshold for r in rows], dtype=torch.float64),
-            temperature=torch.tensor([r.s.temperature for r in rows], dtype=torch.float64),
+            # a verification row only needs its logits: greedy, drawing none of the request's noise
+            temperature=torch.tensor([0.0 if j in verify else r.s.temperature for j, r in enumerate(rows)],
+                                     dtype=torch.float64),
             top_p=torch.tensor([r.s.top_p for r in rows], dtype=torch.float64),
             # None when no row takes the leftmost fallback: select_commits then skips that part.
             fallback=torch.tensor(fallback) if LEFTMOST in fallback else None,
@@ -240,18 +253,45 @@ class EngineCore:
         logits = penalise(logits, rows, self.mask_id)  # repetition / presence / frequency, where asked
         top_k = [r.s.top_k for r in rows]
         prop = propose_batch(logits, self.mask_id, params.temperature, params.top_p,
-                             [r.generator for r in rows], valid=valid.to(logits.device),
+                             [None if j in verify else r.generator for j, r in enumerate(rows)],
+                             valid=valid.to(logits.device),
                              need_margin=bool({MARGIN, LEARNED} & used), need_entropy=bool({ENTROPY, LEARNED} & used),
                              allowed=self._heal_constraint(reqs, windows[:n]), top_k=top_k if any(top_k) else None)
         if plan.single_open:
             commit = masked  # one open position per row, always written: no ranking to do
         else:
             commit = select_commits(prop, masked.to(logits.device), params, used).cpu()
-        conf = prop.confidence.cpu() if self.lookahead else None
+        conf = prop.confidence.cpu() if self.lookahead or hidden or any(r.s.remask > 0 for r in reqs) else None
         tokens = prop.tokens.cpu()
         if any(r.constraint is not None for r in reqs):
             commit, tokens = self._constrain(reqs, windows, logits, masked, commit, tokens)
-        return self._apply(reqs, windows, ahead, canvases, commit, tokens, conf)
+        revised = {i: [p - reqs[i].lo] for i, (j, p) in hidden.items()
+                   if remask.judge(reqs[i], p, logits[j, p - windows[j].lo])}
+        return self._apply(reqs, windows, ahead, canvases, commit, tokens, conf, revised)
+
+    def _verify_rows(self, reqs, windows, canvases, tables, rows, scratch, borrowed) -> dict[int, tuple[int, int]]:
+        """Append a verification row for each request with remask that has a committed position to
+        check: its own window on a copy of its canvas with that position masked, writing its keys to
+        pages borrowed for this step. {request row: (verification row, absolute position)}."""
+        hidden = {}
+        for i, (r, w) in enumerate(zip(reqs, windows)):
+            if r.s.remask <= 0 or (p := remask.pick(r, w)) is None:
+                continue
+            pages = []
+            if self.cache is not None:
+                need = -(-(w.end - w.start) // self.cache.page_size)
+                if not self.cache.grow(pages, need):  # no pages to lend this step: check next step
+                    continue
+                borrowed += pages
+            c = r.canvas.clone()
+            c[p] = self.mask_id
+            hidden[i] = (len(rows), p)
+            rows.append(r)
+            windows.append(w)
+            canvases.append(c)
+            tables.append(r.pages)
+            scratch.append(pages or None)
+        return hidden
 
     def _constrain(self, reqs, windows, logits, masked, commit, tokens):
         """The grammar stage (structured/stage.py) for the rows with a response format."""
@@ -267,7 +307,7 @@ class EngineCore:
                     commit[i] = False
         return commit, tokens
 
-    def _apply(self, reqs, windows, ahead, canvases, commit, tokens, conf=None) -> list[TokenEvent]:
+    def _apply(self, reqs, windows, ahead, canvases, commit, tokens, conf=None, revised=None) -> list[TokenEvent]:
         events = []
         for i, (r, w) in enumerate(zip(reqs, windows)):
             if r.error is not None:  # failed in the grammar stage
@@ -282,7 +322,9 @@ class EngineCore:
                 self.lookahead_hits += applied.extra_used
                 if conf is not None and r.draft is not None:  # the drafts' confidences (lookahead's gate)
                     r.draft_conf = conf[j if applied.extra_used else i, : len(r.draft)]
-                events.append(TokenEvent(r, applied.committed, applied.done))
+                if r.s.remask > 0:
+                    remask.record(r, w, applied.committed, conf[i])
+                events.append(TokenEvent(r, applied.committed, applied.done, (revised or {}).get(i)))
             except Exception as e:  # one request's failure must not take the others down
                 r.error = f"{type(e).__name__}: {e}"
                 events.append(TokenEvent(r, [], "error"))

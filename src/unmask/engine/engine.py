@@ -36,6 +36,7 @@ class Event:
     canvas: list[int] | None = None  # generated region; mask_id marks still-masked positions
     committed: list[int] | None = None  # positions (relative to the generated region) committed this step
     holes: list[tuple[int, int]] | None = None  # a template's hole spans in `canvas` (the rest is its text)
+    revised: list[int] | None = None  # positions of `canvas` sent back to mask this step (remask)
 
 
 # What the Engine shows of its core (tests, the server's metrics and the bench read these).
@@ -114,7 +115,8 @@ class Engine:
         done = "stop" if cut is not None else ev.done
         if done:
             return self._finish(r, done, cut, ev.committed)
-        return Event(r.id, stream.delta(text), False, None, *self._canvas(r, ev.committed))
+        return Event(r.id, stream.delta(text), False, None, *self._canvas(r, ev.committed),
+                     revised=ev.revised if r.stream_canvas else None)
 
     def _canvas(self, r: Request, committed: list[int]):
         """(canvas, committed, hole spans) for a `diffusing` stream; Nones without one."""

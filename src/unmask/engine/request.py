@@ -82,6 +82,11 @@ class Request:
         self.draft_conf: torch.Tensor | None = None  # and their confidences
         if self.constraint is not None:
             self.constraint.reset()
+        if self.s.remask > 0:  # self-correction (decode/remask.py): per position, for the generated region
+            self.generated_mask = self.canvas == -1
+            self.confidence = torch.full((len(self.canvas),), float("inf"))
+            self.revisions = torch.zeros(len(self.canvas), dtype=torch.int32)
+        self.revised = 0  # positions sent back to mask so far
         # Blocks with a position to decode (a template's fixed spans may fill whole blocks), and the
         # masks in each: the steps are shared out by those.
         open_ = self.canvas == -1
@@ -139,6 +144,8 @@ class Request:
         gen = self.canvas[self.lo:self.hi]
         masked = (gen == self.mask_id).nonzero()
         n = int(masked[0]) if len(masked) else len(gen)
+        if self.s.remask > 0 and self.finish_reason is None and self.span_idx < len(self.spans):
+            n = min(n, self.block[0] - self.lo)  # the current block may still be revised
         ids = gen[:n].tolist()
         for i, t in enumerate(ids):
             if t in self.stop_ids:

@@ -51,8 +51,8 @@ class ModelRunner:
                 scratch: list[int | None] | None = None):
         """Returns logits (B, A, V) for each row's [lo, hi) (left-aligned, padded) and valid (B, A).
 
-        scratch: per row, None or a cache page that row's own window writes its keys to and reads
-        them from, instead of its request's pages (the window must fit in one page). Another row of
+        scratch: per row, None or a cache page (or a list of pages) that row's own window writes its
+        keys to and reads them from, instead of its request's pages (the window must fit in them). Another row of
         the same request can then write different keys for the same positions in the same forward
         (engine/lookahead.py)."""
         B = len(windows)
@@ -111,9 +111,11 @@ class ModelRunner:
                 if page is not None:
                     w, ps = windows[i], self.cache.page_size
                     n = w.end - w.start
-                    if n > ps:
-                        raise ValueError(f"a scratch window of {n} positions does not fit a page of {ps}")
-                    write[i, T - n:] = read[i, w.start:w.end] = page * ps + torch.arange(n)
+                    pages = torch.tensor([page] if isinstance(page, int) else list(page))
+                    if n > ps * len(pages):
+                        raise ValueError(f"a scratch window of {n} positions does not fit {len(pages)} page(s) of {ps}")
+                    k = torch.arange(n)
+                    write[i, T - n:] = read[i, w.start:w.end] = pages[k // ps] * ps + k % ps
         if self.cache is None and rows == 1 and windows[0].start == 0:
             mask = None  # the model's own pattern: the very call the reference sampler makes
         else:

@@ -33,6 +33,7 @@ class Decoding:
     fallback: str | None = None  # engine policies other than topk: "best" or "leftmost"; None: the model's
     lookahead: bool = True  # the engine's block lookahead (engine/lookahead.py); the tokens do not change
     backend: str = "torch"  # the engine's forward: "torch" or "llama.cpp"
+    remask: float | None = None  # self-correction threshold (decode/remask.py); None: off
 
     def steps(self, max_tokens: int) -> int | None:
         return None if self.steps_ratio is None else max(1, round(max_tokens * self.steps_ratio))
@@ -51,6 +52,8 @@ class Decoding:
             s += ", no lookahead"
         if self.backend != "torch":
             s += f", {self.backend} backend"
+        if self.remask:
+            s += f", remask {self.remask:g}"
         return s
 
 
@@ -128,7 +131,7 @@ def warm_up(model, decoding: Decoding, prompt: str = "def f(x):\n    return") ->
 def _sampling_params(decoding: Decoding, task: Task, max_tokens: int, stop):
     return SamplingParams(max_tokens=max_tokens, temperature=0.0, policy=decoding.policy,
                           threshold=decoding.threshold, fallback=decoding.fallback, steps=decoding.steps(max_tokens),
-                          stop=list(stop) if stop else None, suffix=task.suffix, heal=False)
+                          stop=list(stop) if stop else None, suffix=task.suffix, heal=False, remask=decoding.remask)
 
 
 def _run_engine(model, tasks, decoding, max_tokens, concurrency, stops, max_batch, progress) -> Batch:

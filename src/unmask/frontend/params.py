@@ -51,6 +51,9 @@ class SamplingParams:
     repetition_penalty: float | None = None  # CTRL's: logits of tokens in the prompt or output / by it (> 0)
     presence_penalty: float | None = None  # OpenAI's: minus this for each token already in the output
     frequency_penalty: float | None = None  # OpenAI's: minus this x the times a token is in the output
+    # Self-correction (decode/remask.py): each step checks one committed token of the current block
+    # with it hidden, and sends it back to mask when the model's probability of it is below this.
+    remask: float | None = None
 
 
 @dataclass(frozen=True)
@@ -65,6 +68,7 @@ class Resolved(Settings):
     repetition_penalty: float = 1.0
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
+    remask: float = 0.0  # 0: off
 
     @property
     def penalised(self) -> bool:
@@ -140,5 +144,8 @@ def resolve(model, params: SamplingParams, n_fixed: int) -> Resolved:
         stop = tuple(stop)
     if any(x == "" for x in stop):
         raise UserError("stop strings must not be empty")
+    remask = 0.0 if params.remask is None else params.remask
+    if isinstance(remask, bool) or not isinstance(remask, (int, float)) or not 0.0 <= remask < 1.0:
+        raise UserError(f"remask must be a probability in [0, 1) (0 or unset: off), got {params.remask!r}")
     return Resolved(s.max_tokens, s.steps, s.block_size, s.temperature, s.top_p, policy, POLICIES[policy],
-                    threshold, stop, FALLBACKS[fallback], **_penalties(params))
+                    threshold, stop, FALLBACKS[fallback], **_penalties(params), remask=float(remask))

@@ -57,9 +57,13 @@ class InputProcessor:
         if heal_mask is None and ws:  # no token fits (not with a byte-level BPE): send it as given
             head, tail = layout_prompt(model, prompt + ws, params.suffix)
             s, ws = resolve(model, params, len(head) + len(tail)), ""
+        if fmt is not None and s.remask > 0:
+            raise UserError("remask does not combine with response_format or tools: a constrained output is a "
+                            "committed prefix the grammar has accepted, and it is never revised")
         constraint = compile_format(model, fmt, s.max_tokens) if fmt is not None else None
         req = Request(request_id, head, tail, s, seed, params.stream_canvas, stop_ids,
-                      heal=ws, heal_mask=heal_mask, lookahead=self.lookahead and s.temperature == 0 and fmt is None,
+                      heal=ws, heal_mask=heal_mask,
+                      lookahead=self.lookahead and s.temperature == 0 and fmt is None and s.remask == 0,
                       constraint=constraint)
         return req, TextStream(model.tokenizer, ws, s.stop)
 
@@ -117,7 +121,7 @@ class InputProcessor:
         s = resolve(model, dataclasses.replace(params, max_tokens=budget), len(head) + len(tail))
         seed = job.seed + job.current if s.temperature > 0 else None
         return Request(request_id, head, tail, s, seed, params.stream_canvas, stop_ids, heal=ws, heal_mask=heal_mask,
-                       lookahead=self.lookahead and s.temperature == 0)
+                       lookahead=self.lookahead and s.temperature == 0 and s.remask == 0)
 
     def _heal(self, text: str, heal: bool) -> tuple[str, str]:
         """(text, "") or (text less its trailing newline-and-indentation, that whitespace) when

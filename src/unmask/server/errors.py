@@ -61,7 +61,7 @@ def _param_of(message: str) -> str | None:
         return "prompt"
     if message.startswith("response_format"):
         return message.split(" ", 1)[0].rstrip(":")
-    for name in ("template", "max_tokens", "threshold", "temperature", "top_p", "steps", "block_size", "stop", "suffix",
+    for name in ("template", "remask", "max_tokens", "threshold", "temperature", "top_p", "steps", "block_size", "stop", "suffix",
                  "messages"):
         if message.startswith(name):
             return name

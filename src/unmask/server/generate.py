@@ -77,6 +77,7 @@ def sampling_params(body, max_tokens: int | None, suffix: str | None) -> Samplin
                           response_format=parse_response_format(body.response_format), reasoning_effort=body.reasoning_effort,
                           top_k=body.top_k, repetition_penalty=body.repetition_penalty,
                           presence_penalty=body.presence_penalty, frequency_penalty=body.frequency_penalty,
+                          remask=body.remask,
                           **_tool_fields(body))
 
 
@@ -301,6 +302,8 @@ def render_canvas(ev, step: int, state) -> dict:
     out = {"step": step, "tokens": tokens, "committed": ev.committed or [],
             "text": "".join(MASK_PLACEHOLDER if t is None else t for t in tokens),
             "masked": sum(t is None for t in tokens)}
+    if ev.revised:  # remask: positions this step sent back to mask (their tokens above are null again)
+        out["revised"] = list(ev.revised)
     if ev.holes is not None:  # a template: the holes' spans in `tokens` (the rest is its fixed text)
         out["holes"] = [list(h) for h in ev.holes]
     return out

@@ -76,6 +76,9 @@ class _Sampling(_Strict):
                           "{\"type\": \"json_object\"}, or our {\"type\": \"regex\" | \"choice\" | \"grammar\", ...}; "
                           "see docs/server.md.")
     diffusing: bool = Field(False, description="Stream the whole canvas at every step (needs stream).")
+    remask: float | None = Field(None, ge=0, lt=1, description="Self-correction: each step checks one committed token "
+                                 "of the current block with it hidden and sends it back to mask when the model's "
+                                 "probability of it is below this (docs/server.md). Off when unset or 0.")
 
 
 class _Healing(_Strict):
