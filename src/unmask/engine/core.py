@@ -263,7 +263,7 @@ class EngineCore:
             commit = select_commits(prop, masked.to(logits.device), params, used).cpu()
         conf = prop.confidence.cpu() if self.lookahead or hidden or any(r.s.remask > 0 for r in reqs) else None
         tokens = prop.tokens.cpu()
-        if any(r.constraint is not None for r in reqs):
+        if any(r.constraint is not None or r.hole_constraints for r in reqs):
             commit, tokens = self._constrain(reqs, windows, logits, masked, commit, tokens)
         revised = {i: [p - reqs[i].lo] for i, (j, p) in hidden.items()
                    if remask.judge(reqs[i], p, logits[j, p - windows[j].lo])}
@@ -295,13 +295,14 @@ class EngineCore:
 
     def _constrain(self, reqs, windows, logits, masked, commit, tokens):
         """The grammar stage (structured/stage.py) for the rows with a response format."""
-        from ..structured.stage import constrain
+        from ..structured.stage import constrain, constrain_holes
 
         commit, tokens = commit.clone(), tokens.clone()
         for i, (r, w) in enumerate(zip(reqs, windows)):
-            if r.constraint is not None:
+            if r.constraint is not None or r.hole_constraints:
+                stage = constrain if r.constraint is not None else constrain_holes
                 try:
-                    commit[i], tokens[i] = constrain(r, w, logits[i], masked[i], commit[i], tokens[i], self.eos_id)
+                    commit[i], tokens[i] = stage(r, w, logits[i], masked[i], commit[i], tokens[i], self.eos_id)
                 except Exception as e:  # this request fails alone; _apply reports it
                     r.error = f"{type(e).__name__}: {e}"
                     commit[i] = False

@@ -77,17 +77,15 @@ class Engine:
     def add_request(self, prompt, params: SamplingParams | None = None, request_id: str | None = None) -> str:
         """Validate and queue one request; raises UserError (and changes nothing) if it is bad."""
         rid = request_id or f"req-{next(self._ids)}"
-        if params is not None and params.template is not None:
-            job, req, stream = self.processor.template(prompt, params, rid)
+        req, stream, job = self.processor.process(prompt, params, rid)
+        if job is not None:
             cache = self.core.cache
             if cache is not None and job.need > cache.capacity_tokens:  # a chain's later holes hold more
                 raise UserError(f"template: its requests need up to {job.need} tokens of KV cache but the engine's "
                                 f"budget is {cache.capacity_tokens}; raise kv_budget_tokens or lower the holes' budgets")
-            self.core.add(req)
+        self.core.add(req)
+        if job is not None:
             self._templates[rid] = job
-        else:
-            req, stream = self.processor.process(prompt, params, rid)
-            self.core.add(req)
         self._streams[rid] = stream
         return rid
 

@@ -50,6 +50,7 @@ class Request:
     # ends its hole, not the request; the request is done when no position is masked.
     region: list[int] | None = None
     holes: list[tuple[int, int]] | None = None
+    hole_constraints: list | None = None  # per hole, a GrammarState or None (structured/layout.py)
     arrival: float = field(default_factory=time.perf_counter)
     # runtime state, reset on preemption
     pages: list[int] = field(default_factory=list)
@@ -80,8 +81,9 @@ class Request:
         self.since_refresh = 0  # approximate caches: forwards since the last full refresh
         self.draft: torch.Tensor | None = None  # the last forward's proposals for the current block
         self.draft_conf: torch.Tensor | None = None  # and their confidences
-        if self.constraint is not None:
-            self.constraint.reset()
+        for g in [self.constraint, *(self.hole_constraints or ())]:
+            if g is not None:
+                g.reset()
         if self.s.remask > 0:  # self-correction (decode/remask.py): per position, for the generated region
             self.generated_mask = self.canvas == -1
             self.confidence = torch.full((len(self.canvas),), float("inf"))

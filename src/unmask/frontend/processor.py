@@ -24,10 +24,15 @@ class InputProcessor:
         self.model, self.needs_prompt, self.lookahead = model, needs_prompt, lookahead
         self._heal_masks = HealMasks(model.tokenizer, model.config.vocab_size, model.device)
 
-    def process(self, prompt, params: SamplingParams | None, request_id: str) -> tuple[Request, TextStream]:
-        """Validate and lay out one request; raises UserError if it is bad."""
+    def process(self, prompt, params: SamplingParams | None, request_id: str
+                ) -> tuple[Request, TextStream, TemplateJob | None]:
+        """Validate and lay out one request; raises UserError if it is bad. A template (given, or a
+        response_format laid out by its keys) comes with its job (frontend/template.py)."""
         model = self.model
         params = params or SamplingParams()
+        if params.template is not None:
+            job, req, stream = self.template(prompt, params, request_id)
+            return req, stream, job
         ws = ""
         fmt = parse_response_format(params.response_format)
         kwargs = None
@@ -40,6 +45,10 @@ class InputProcessor:
                 fmt = output_format(tools, model.tokenizer)
         elif params.tools or params.tool_choice not in (None, "none", "auto"):
             raise UserError("tools need a chat prompt (a list of messages)")
+        if fmt is not None and fmt.layout == "keys":  # keys as text, values as holes (structured/layout.py)
+            head = encode_prompt(model.tokenizer, prompt, model.config.vocab_size, kwargs) if is_chat(prompt) else prompt
+            job, req, stream = self.template(head, params, request_id, fmt=fmt, chat=is_chat(prompt))
+            return req, stream, job
         # A constrained output starts where the grammar says: no healing (its first token would be
         # whitespace the grammar may not allow).
         if params.heal and fmt is None and isinstance(prompt, str):  # token ids and chats are taken as given
@@ -65,50 +74,62 @@ class InputProcessor:
                       heal=ws, heal_mask=heal_mask,
                       lookahead=self.lookahead and s.temperature == 0 and fmt is None and s.remask == 0,
                       constraint=constraint)
-        return req, TextStream(model.tokenizer, ws, s.stop)
+        return req, TextStream(model.tokenizer, ws, s.stop), None
 
     # ---- templates with holes (frontend/template.py) ----------------------------------------------
-    def template(self, prompt, params: SamplingParams, request_id: str) -> tuple[TemplateJob, Request, TextStream]:
+    def template(self, prompt, params: SamplingParams, request_id: str, fmt=None, chat: bool = False
+                 ) -> tuple[TemplateJob, Request, TextStream]:
         """Validate a template request; its job and the core request for its canvas (canvas mode) or
-        its first hole (chain mode)."""
-        for name, given in (("suffix", params.suffix is not None), ("response_format", params.response_format is not None),
+        its first hole (chain mode). fmt: a json_schema of fixed shape, laid out by its keys (the
+        template is then built from it, each hole under its value's schema); prompt is then text or
+        token ids (a rendered chat)."""
+        for name, given in (("suffix", params.suffix is not None), ("response_format", params.response_format is not None and fmt is None),
                             ("tools", bool(params.tools)), ("stop", bool(params.stop))):
             if given:
                 raise UserError(f"{name} does not combine with a template: the template's text spans are the "
                                 "context, and each hole ends at its budget or the model's end of text")
-        job = TemplateJob.build(self.model, prompt, params.template)
-        total, ctx = sum(job.budgets), self.model.config.max_seq_len
+        if fmt is not None and params.remask:
+            raise UserError("remask does not combine with response_format: a constrained output is never revised")
+        model, tok = self.model, self.model.tokenizer
+        ctx = model.config.max_seq_len
+        if fmt is not None:
+            job = TemplateJob.from_format(model, prompt, fmt, params.max_tokens, chat)
+        else:
+            job = TemplateJob.build(model, prompt, params.template)
+        total = sum(job.budgets)
         if params.max_tokens is not None and total > params.max_tokens:
             raise UserError(f"max_tokens is {params.max_tokens} but the template's holes ask for {total} tokens in all; "
                             "lower the holes' budgets")
         if job.mode == "canvas":
-            job.need = len(encode_prompt(self.model.tokenizer, prompt, self.model.config.vocab_size)) \
-                + sum(len(f) for f in job.fixed if f is not None) + total
+            job.need = len(job.head(tok, model.config.vocab_size)) + sum(len(f) for f in job.fixed if f is not None) \
+                + total
         else:
-            job.plan_chain(self.model.tokenizer, lambda text: self._heal(text, params.heal))
+            job.plan_chain(tok, lambda text: self._heal(text, params.heal and fmt is None))
         if job.need > ctx:
             raise UserError(f"template: the prompt, the text spans and the holes' budgets need {job.need} tokens, but "
                             f"the model's context is {ctx}; shorten the template or lower the holes' budgets")
         if job.mode == "canvas" and self.needs_prompt and not prompt and job.fixed[0] is None:
             raise UserError("template: it starts with a hole and the prompt is empty; this model scores each position "
                             "from the one before it, so give a prompt or start the template with text")
-        job.params = dataclasses.replace(params, template=None, max_tokens=None)
+        job.params = dataclasses.replace(params, template=None, max_tokens=None, response_format=None)
         job.seed = params.seed if params.seed is not None else secrets.randbits(63)
         if job.mode == "canvas":  # its text spans are context the model reads, as a prompt is
             job.prompt_tokens = sum(len(f) for f in job.fixed if f is not None)
-        return job, self.template_request(job, request_id), TextStream(self.model.tokenizer)
+        return job, self.template_request(job, request_id), TextStream(tok)
 
     def template_request(self, job: TemplateJob, request_id: str) -> Request:
         """The core request for a template's canvas, or for the next hole of its chain."""
         model, params = self.model, job.params
-        stop_ids = self.stop_ids(chat=False)
+        stop_ids = self.stop_ids(chat=job.chat)
         if job.mode == "canvas":
-            head = encode_prompt(model.tokenizer, job.prompt, model.config.vocab_size)
+            head = job.head(model.tokenizer, model.config.vocab_size)
             region, spans = job.region()
             s = resolve(model, dataclasses.replace(params, max_tokens=len(region)), len(head))
             lo = len(head)
+            formats = [None if f is None else compile_format(model, f, b) for f, b in zip(job.formats, job.budgets)]
             return Request(request_id, head, [], s, job.seed, params.stream_canvas, stop_ids,
-                           region=region, holes=[(lo + a, lo + b) for a, b in spans])
+                           region=region, holes=[(lo + a, lo + b) for a, b in spans],
+                           hole_constraints=formats if any(formats) else None)
         prefix, suffix, ws, budget = job.chain_prompt()
         if has_fim(model.tokenizer):
             head, tail = fim_layout(model, prefix, suffix), []
@@ -120,8 +141,10 @@ class InputProcessor:
                             "from the one before it, so give a prompt or start the template with text")
         s = resolve(model, dataclasses.replace(params, max_tokens=budget), len(head) + len(tail))
         seed = job.seed + job.current if s.temperature > 0 else None
+        fmt = job.formats[job.current]
         return Request(request_id, head, tail, s, seed, params.stream_canvas, stop_ids, heal=ws, heal_mask=heal_mask,
-                       lookahead=self.lookahead and s.temperature == 0 and s.remask == 0)
+                       lookahead=self.lookahead and s.temperature == 0 and s.remask == 0 and fmt is None,
+                       constraint=None if fmt is None else compile_format(model, fmt, budget))
 
     def _heal(self, text: str, heal: bool) -> tuple[str, str]:
         """(text, "") or (text less its trailing newline-and-indentation, that whitespace) when

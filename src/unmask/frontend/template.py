@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ..errors import UserError
+from ..structured.formats import FormatError
 
 MODES = ("canvas", "chain")
 
@@ -114,6 +115,8 @@ class TemplateJob:
     preemptions: int = 0
     arrival: float | None = None
     params: object = None  # the request's SamplingParams, less the template (frontend/processor.py)
+    formats: list = field(default_factory=list)  # per hole: an OutputFormat its text must match, or None
+    chat: bool = False  # the prompt is a rendered chat (token ids; a turn also ends at end-of-turn)
     seed: int | None = None
     need: int = 0  # an upper bound on the tokens any one of its requests holds (frontend/processor.py)
 
@@ -125,7 +128,37 @@ class TemplateJob:
         segments = parse_template(template)
         tok = model.tokenizer
         fixed = [None if isinstance(s, Hole) else list(tok.encode(s, allow_special=False)) for s in segments]
-        return cls(segments, prompt, template_mode(model), fixed)
+        return cls(segments, prompt, template_mode(model), fixed, formats=[None] * sum(f is None for f in fixed))
+
+    @classmethod
+    def from_format(cls, model, prompt, fmt, max_tokens: int | None, chat: bool) -> TemplateJob:
+        """A json_schema of fixed shape laid out by its keys (structured/layout.py). The budget
+        (max_tokens, or the model's default) less the keys' tokens is shared by the values: each
+        gets the shortest output of its schema, and the rest in equal parts."""
+        from ..sampling.schedule import apportion
+        from ..structured.layout import schema_template
+        from ..structured.state import compile_format
+
+        spans, formats = schema_template(fmt)
+        tok = model.tokenizer
+        fixed = [None if s is None else list(tok.encode(s, allow_special=False)) for s in spans]
+        budget = (max_tokens if max_tokens is not None else model.generation.max_tokens) \
+            - sum(len(f) for f in fixed if f is not None)
+        needs = [compile_format(model, f, 1 << 20).need() for f in formats]
+        if budget < sum(needs):
+            raise FormatError(f"max_tokens is {budget + sum(len(f) for f in fixed if f is not None)} but the schema laid "
+                              f"out by its keys needs at least {sum(needs) + sum(len(f) for f in fixed if f is not None)} "
+                              "tokens; raise max_tokens")
+        extra = apportion(budget - sum(needs), [1] * len(needs))
+        holes = iter(Hole(n + x) for n, x in zip(needs, extra))
+        segments = tuple(next(holes) if s is None else s for s in spans)
+        return cls(segments, prompt, template_mode(model), fixed, formats=formats, chat=chat)
+
+    def head(self, tokenizer, vocab_size: int) -> list[int]:
+        """The prompt's ids (a rendered chat is given as ids already)."""
+        if isinstance(self.prompt, str):
+            return list(tokenizer.encode(self.prompt, allow_special=False))
+        return list(self.prompt)
 
     @property
     def budgets(self) -> list[int]:
@@ -159,14 +192,17 @@ class TemplateJob:
         takes off (prompt healing: the model rewrites it, and the hole's text is taken relative to
         it), and of the span after each hole (its suffix). A hole's prompt is built from these ids and
         the earlier holes' own ids, so no text is tokenised twice and `need` is exact."""
-        self.pieces, self.suffixes, self.heals, text = [], [], [], self.prompt
+        self.pieces, self.suffixes, self.heals = [], [], []
+        text = self.prompt if isinstance(self.prompt, str) else ""
+        ids = [] if isinstance(self.prompt, str) else list(self.prompt)  # a rendered chat
         segs = list(self.segments)
         for i, seg in enumerate(segs):
             if isinstance(seg, str):
                 text += seg
                 continue
             kept, ws = heal(text)
-            self.pieces.append(list(tokenizer.encode(kept, allow_special=False)) if kept else [])
+            self.pieces.append(ids + (list(tokenizer.encode(kept, allow_special=False)) if kept else []))
+            ids = []
             self.heals.append(ws)
             after = segs[i + 1] if i + 1 < len(segs) else ""
             self.suffixes.append(list(tokenizer.encode(after, allow_special=False)) if after else [])

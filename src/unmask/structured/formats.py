@@ -34,12 +34,18 @@ class OutputFormat:
     value: Any = None  # the schema (dict), regex (str), choices (tuple of str) or Lark grammar (str)
     strict: bool = False  # json_schema: unsupported schema keywords are errors (False, OpenAI's default: ignored)
     name: str | None = None
+    # json_schema: "prefix" (the output is one grammar, written left to right) or "keys" (a schema of
+    # fixed shape laid out as a template: keys fixed, each value a hole under its own schema; layout.py)
+    layout: str = "prefix"
 
     @classmethod
-    def json_schema(cls, schema: dict, *, strict: bool = False, name: str | None = None) -> "OutputFormat":
+    def json_schema(cls, schema: dict, *, strict: bool = False, name: str | None = None,
+                    layout: str = "prefix") -> "OutputFormat":
         if not isinstance(schema, dict):
             raise FormatError("response_format.json_schema.schema must be a JSON object (a JSON Schema)")
-        return cls("json_schema", schema, strict, name)
+        if layout not in ("prefix", "keys"):
+            raise FormatError(f"response_format.layout {layout!r}: choose 'prefix' (default) or 'keys'")
+        return cls("json_schema", schema, strict, name, layout)
 
     @classmethod
     def json_object(cls) -> "OutputFormat":
@@ -95,7 +101,7 @@ def parse_response_format(obj) -> OutputFormat | None:
         _keys(obj, {"type"}, "response_format")
         return OutputFormat.json_object()
     if kind == "json_schema":
-        _keys(obj, {"type", "json_schema"}, "response_format")
+        _keys(obj, {"type", "json_schema", "layout"}, "response_format")
         spec = obj.get("json_schema")
         if not isinstance(spec, dict):
             raise FormatError("response_format.json_schema must be an object with a 'schema' (and optional "
@@ -111,7 +117,7 @@ def parse_response_format(obj) -> OutputFormat | None:
         name = spec.get("name")
         if name is not None and not isinstance(name, str):
             raise FormatError("response_format.json_schema.name must be a string")
-        return OutputFormat.json_schema(spec["schema"], strict=strict, name=name)
+        return OutputFormat.json_schema(spec["schema"], strict=strict, name=name, layout=obj.get("layout", "prefix"))
     _keys(obj, {"type", kind}, "response_format")
     if kind not in obj:
         raise FormatError(f"response_format.{kind} is missing (type {kind!r} takes its value there)")

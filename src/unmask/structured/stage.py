@@ -113,3 +113,32 @@ def constrain(r, w, logits: torch.Tensor, masked: torch.Tensor, commit: torch.Te
         g.consume(t)
         write(t)
     return out_commit, out_tokens
+
+
+class _HoleView:
+    """A request seen as one of its template's holes: `constrain` reads lo, hi and constraint here,
+    everything else (sampling settings, generator, stop ids) from the request."""
+
+    def __init__(self, r, lo: int, hi: int, g):
+        self._r, self.lo, self.hi, self.constraint = r, lo, hi, g
+
+    def __getattr__(self, name):
+        return getattr(self._r, name)
+
+
+def constrain_holes(r, w, logits: torch.Tensor, masked: torch.Tensor, commit: torch.Tensor, tokens: torch.Tensor,
+                    eos_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """`constrain` for each hole of a one-canvas template that has a grammar (structured/layout.py):
+    each hole is a committed prefix of its own under its own grammar, all decoded in the same step;
+    positions outside them keep the policy's commits."""
+    out_commit, out_tokens = commit.clone(), tokens.clone()
+    A = int(masked.shape[0])
+    for (a, b), g in zip(r.holes, r.hole_constraints):
+        lo, hi = max(a - w.lo, 0), min(b - w.lo, A)
+        if g is None or lo >= hi:
+            continue
+        m = torch.zeros_like(masked)
+        m[lo:hi] = masked[lo:hi]
+        c, t = constrain(_HoleView(r, a, b, g), w, logits, m, commit, tokens, eos_id)
+        out_commit[lo:hi], out_tokens[lo:hi] = c[lo:hi], t[lo:hi]
+    return out_commit, out_tokens

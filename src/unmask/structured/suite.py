@@ -168,16 +168,26 @@ def check(case: Case, text: str) -> str | None:
 
 def run_suite(model, *, engine=None, max_tokens: int = 256, selected: list[Case] | None = None,
               constrained: bool = True, mix_unconstrained: bool = False, seed: int | None = None,
-              temperature: float | None = None) -> dict:
+              temperature: float | None = None, layout: str = "prefix") -> dict:
     """Decode every case together (one batch) and check them. constrained=False decodes the same
     prompts without their formats (the speed baseline; nothing is checked). mix_unconstrained adds
-    each prompt once more without a format, to the same batch."""
+    each prompt once more without a format, to the same batch. layout="keys": the JSON schemas of
+    fixed shape are laid out by their keys (structured/layout.py); the other cases as they are."""
     from ..engine import Engine, SamplingParams
+    from .layout import fixed_shape
 
     sel = list(selected) if selected is not None else CASES
     eng = engine or Engine(model, max_batch=16)
-    params = [SamplingParams(max_tokens=max_tokens, response_format=c.response_format if constrained else None,
-                             seed=seed, temperature=temperature) for c in sel]
+
+    def fmt(c: Case):
+        if not constrained:
+            return None
+        if layout == "keys" and c.schema is not None and fixed_shape(c.schema):
+            return {**c.response_format, "layout": "keys"}
+        return c.response_format
+
+    params = [SamplingParams(max_tokens=max_tokens, response_format=fmt(c), seed=seed, temperature=temperature)
+              for c in sel]
     prompts = [c.prompt for c in sel]
     if mix_unconstrained:
         params += [SamplingParams(max_tokens=max_tokens, seed=seed, temperature=temperature) for _ in sel]
