@@ -195,7 +195,7 @@ def test_a_scratch_window_must_fit_one_page(models):
     engine = Engine(models["block"], max_batch=1)
     canvas = torch.tensor(prompt_ids(12))
     table = [1, 2, 3]
-    with pytest.raises(ValueError, match="does not fit a page"):
+    with pytest.raises(ValueError, match="does not fit 1 page"):
         engine.runner.forward([canvas], [Window(0, 8, 8, 4, 8)], [table], scratch=[4])
 
 
