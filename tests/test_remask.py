@@ -132,3 +132,18 @@ def test_http(tok):
         assert any(c["choices"][0]["canvas"].get("revised") for c in chunks)
         bad = httpx.post(f"{srv.url}/v1/completions", json={**body, "remask": 1.5}, timeout=60)
         assert bad.status_code == 400 and bad.json()["error"]["param"] == "remask"
+
+
+def test_template_stream_is_final(tok):
+    """On one canvas too, the text stream never shows a token that a later step revises."""
+    m = random_pretrained(tok, "full", max_seq_len=96, peak=0.7)
+    t = ["def ", Hole(7), "(a, b):\n    return ", Hole(9), "\n"]
+    eng = Engine(m, lookahead=False)
+    shown, revised = "", 0
+    for ev in eng.stream("x = 1\n", SamplingParams(template=t, temperature=0, remask=0.9, stream_canvas=True,
+                                                   block_size=4)):
+        shown += ev.delta
+        revised += len(ev.revised or [])
+        if ev.finished:
+            assert shown == ev.output.text
+    assert revised > 0

@@ -137,3 +137,22 @@ def test_playground_fills_a_template(browser, tmp_path):
     # the template's text is on the canvas from the first step, marked as such (whitespace shown)
     for f in frames:
         assert f["fixed"].startswith("def area(r):") and "def sub(a, b):" in f["fixed"]
+
+
+def test_playground_shows_revised_positions(browser, tiny):  # noqa: F811
+    """With remask, a step that sends tokens back to mask draws them as retracted."""
+    with live(tiny) as s:
+        page = browser.new_page(viewport={"width": 1280, "height": 760})
+        page.goto(s.url + "/")
+        page.wait_for_function("document.querySelector('#model').textContent.includes('ctx')")
+        page.fill("#prompt", "def fibonacci(n):\n    ")
+        page.fill("#max-tokens", "24")
+        page.fill("#remask", "0.9")
+        page.evaluate("""() => { window.revised_ = 0;
+            new MutationObserver((records) => { for (const r of records)
+                window.revised_ += [...r.addedNodes].filter((n) => n.classList.contains('revised')).length;
+            }).observe(document.querySelector('#canvas'), {childList: true}); }""")
+        page.click("#generate")
+        page.wait_for_function("document.querySelector('#status').textContent.startsWith('done')", timeout=120_000)
+        assert page.evaluate("window.revised_") > 0
+        page.close()

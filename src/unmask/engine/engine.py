@@ -113,20 +113,19 @@ class Engine:
         done = "stop" if cut is not None else ev.done
         if done:
             return self._finish(r, done, cut, ev.committed)
-        return Event(r.id, stream.delta(text), False, None, *self._canvas(r, ev.committed),
-                     revised=ev.revised if r.stream_canvas else None)
+        return Event(r.id, stream.delta(text), False, None, *self._canvas(r, ev.committed, ev.revised))
 
-    def _canvas(self, r: Request, committed: list[int]):
-        """(canvas, committed, hole spans) for a `diffusing` stream; Nones without one."""
+    def _canvas(self, r: Request, committed: list[int], revised: list[int] | None = None):
+        """(canvas, committed, hole spans, revised) for a `diffusing` stream; Nones without one."""
         if not r.stream_canvas:
-            return None, None, None
+            return None, None, None, None
         job = self._templates.get(r.id)
         if job is not None:  # the whole template: fixed text, holes as filled, the running hole in place
             canvas, offset, spans = job.canvas(None if job.done() else r, self.core.mask_id)
             if job.mode == "chain" and job.done():  # the last hole just finished
                 offset = spans[-1][0]
-            return canvas, [offset + c for c in committed], spans
-        return r.generated(), committed, None
+            return canvas, [offset + c for c in committed], spans, [offset + c for c in revised or []] or None
+        return r.generated(), committed, None, revised or None
 
     def _template_event(self, ev: TokenEvent, job: TemplateJob, stream: TextStream) -> Event:
         """A step of a template request: in chain mode a finished hole starts the next one."""
@@ -154,7 +153,7 @@ class Engine:
             r.first_token_at = time.perf_counter()
         if ev.done:
             return self._finish(r, ev.done, None, ev.committed)
-        return Event(r.id, stream.delta(job.visible(r, tok)), False, None, *self._canvas(r, ev.committed))
+        return Event(r.id, stream.delta(job.visible(r, tok)), False, None, *self._canvas(r, ev.committed, ev.revised))
 
     def _finish(self, r: Request, reason: str, cut: str | None, committed: list[int]) -> Event:
         canvas = self._canvas(r, committed)

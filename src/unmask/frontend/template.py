@@ -244,6 +244,9 @@ class TemplateJob:
             return ids, texts, finish
         _, spans = self.region()
         gen = r.canvas[r.lo:r.hi].tolist()
+        if r.s.remask > 0 and r.finish_reason is None and r.span_idx < len(r.spans):
+            b0 = r.block[0] - r.lo  # the block being decoded may still be revised: not final yet
+            gen = gen[:b0] + [r.mask_id] * (len(gen) - b0)
         ids, finish, open_ = [], [], False
         for a, b in spans:
             hole, reason = [], "length"

@@ -41,12 +41,13 @@ function parseTemplate(text) {
 
 function drawCanvas(canvas) {
   const fresh = new Set(canvas.committed);
+  const revised = new Set(canvas.revised || []);
   const inHole = (i) => !canvas.holes || canvas.holes.some(([a, b]) => a <= i && i < b);
   const frag = document.createDocumentFragment();
   canvas.tokens.forEach((tok, i) => {
     const span = document.createElement("span");
     if (tok === null) {
-      span.className = "tok masked";
+      span.className = revised.has(i) ? "tok masked revised" : "tok masked";
       span.textContent = "░";
     } else {
       span.className = fresh.has(i) ? "tok new" : inHole(i) ? "tok" : "tok fixed";
@@ -71,7 +72,7 @@ async function generate() {
     prompt: $("prompt").value, stream: true, diffusing: true,
     policy: $("policy").value || undefined, threshold: num("threshold"), block_size: num("block-size"),
     fallback: $("fallback").value || undefined,
-    max_tokens: num("max-tokens"), steps: num("steps"), temperature: num("temperature"),
+    max_tokens: num("max-tokens"), steps: num("steps"), temperature: num("temperature"), remask: num("remask"),
   };
   const suffix = $("suffix").value;
   if (suffix) body.suffix = suffix;
