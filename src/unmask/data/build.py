@@ -31,7 +31,6 @@ log = logging.getLogger("unmask.data")
 
 FORMAT = 1
 _TOKENIZE_CHUNK = 256  # documents per encode_batch call
-_STDLIB_LICENSE = LicenseVerdict("PSF-2.0", True, "")
 DEDUP_POLICY = (
     "validation packages are processed first, so when a training file duplicates a validation "
     "file (exactly or nearly) the training copy is dropped"
@@ -73,7 +72,7 @@ def _collect(tasks, cfg, val: set[str], cap: int | None, cache: Path, find_links
                             "reason": f"size cap of {cap / 1e6:g} MB reached"})
             continue
         src = _load(task, cache, find_links, cfg.max_file_bytes)
-        verdict = _STDLIB_LICENSE if src.license_override else classify(src.metadata)
+        verdict = LicenseVerdict(src.license_override, True, "") if src.license_override else classify(src.metadata)
         if not verdict.ok:
             log.warning("skip %s %s: %s", name, version, verdict.reason)
             skipped.append({"name": name, "version": version, "license": verdict.license,
@@ -151,11 +150,31 @@ def build_corpus(
     vocab_size: int | None = None,
     tokenizer: Path | None = None,
     find_links: Path | None = None,
+    from_dir: Path | None = None,
+    exclude: list[str] | None = None,
+    split_by: str = "dir",
+    val_frac: float = 0.1,
 ) -> dict:
-    """Build the corpus described by `manifest` (None: configs/corpus/default.toml) into `out`."""
+    """Build the corpus described by `manifest` (None: configs/corpus/default.toml) into `out`; or,
+    with `from_dir`, a user's own repository (data/local.py) tokenized with `tokenizer` (the model's
+    tokenizer.json: the corpus then trains that model)."""
     started = time.monotonic()
-    manifest_path = Path(manifest) if manifest is not None else default_manifest_path()
-    spec, manifest_sha = load_manifest(manifest_path)
+    local = None
+    if from_dir is not None:
+        from .local import dir_sources
+
+        if manifest is not None:
+            raise UserError("--from-dir and --manifest are two different corpora; give one")
+        if tokenizer is None:
+            raise UserError("--from-dir needs the tokenizer of the model it will train (--model DIR, or --tokenizer)")
+        local = dir_sources(from_dir, list(exclude or []), split_by, val_frac)
+        from .manifest import CorpusManifest, CorpusSettings
+
+        spec = CorpusManifest.model_construct(corpus=CorpusSettings(stdlib=False, val_packages=local[1]), package=[])
+        manifest_path, manifest_sha = Path(from_dir), None
+    else:
+        manifest_path = Path(manifest) if manifest is not None else default_manifest_path()
+        spec, manifest_sha = load_manifest(manifest_path)
     cfg = spec.corpus
     if max_mb is not None and max_mb <= 0:
         raise UserError(f"--max-mb {max_mb}: must be a positive number of megabytes")
@@ -182,7 +201,7 @@ def build_corpus(
     if missing:
         raise UserError(f"{manifest_path}: corpus.val_packages names {sorted(missing)[0]!r}, which "
                         "is not a stdlib package of this Python (or stdlib = false); fix the name")
-    tasks += list(spec.package)
+    tasks += list(spec.package) if local is None else local[0]
     tasks = [t for t in tasks if _is_val(t.name, val)] + [t for t in tasks if not _is_val(t.name, val)]
 
     out.mkdir(parents=True, exist_ok=True)
@@ -194,7 +213,8 @@ def build_corpus(
         log.warning("the validation split is empty: name kept packages in corpus.val_packages")
     if not by_split["train"]:
         raise UserError(f"{manifest_path}: no training files were kept (all packages were skipped, "
-                        "filtered or held out); add permissive packages or raise --max-mb")
+                        "filtered or held out); " + ("check --exclude and --val-frac" if local else
+                                                     "add permissive packages or raise --max-mb"))
 
     for s in SPLITS:
         with atomic_open(out / "text" / f"{s}.jsonl", "w") as f:
@@ -237,7 +257,10 @@ def build_corpus(
     meta = {
         "format": FORMAT,
         "python": platform.python_version(),
-        "input_manifest": {"file": manifest_path.name, "sha256": manifest_sha},
+        "input_manifest": {"file": manifest_path.name, "sha256": manifest_sha} if local is None else
+        {"from_dir": str(Path(from_dir).resolve()), "exclude": list(exclude or []), "split_by": split_by,
+         "val_frac": val_frac, "val_units": local[1], "license": {"license": local[2].license,
+                                                                 "note": local[2].reason}},
         "settings": {**cfg.model_dump(), "max_mb": cap_mb, "vocab_size": want_vocab},
         "tokenizer_sha256": file_sha256(out / "tokenizer.json"),
         "tokenizer_source": tok_source,

@@ -1,0 +1,4 @@
+"""`python -m unmask ...` is the `unmask` command."""
+from .cli import main
+
+raise SystemExit(main())
