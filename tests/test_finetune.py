@@ -163,3 +163,42 @@ def test_refuses_to_overwrite(tok, tmp_path):
     data = write_jsonl(tmp_path / "d.jsonl", [{"text": "x = 1"}] * 3)
     with pytest.raises(UserError, match="already exists and is not empty"):
         finetune(src, data, src, FinetuneConfig(), log=lambda *_: None)
+
+
+class _Killed(Exception):
+    pass
+
+
+@pytest.mark.parametrize("lora", [False, True])
+def test_interrupted_then_resumed_equals_one_run(tok, tmp_path, lora):
+    """A fine-tune stopped after its step-10 checkpoint and resumed writes exactly the weights of one
+    uninterrupted run (weights, optimizer, batch order and noise all restored)."""
+    from safetensors.torch import load_file
+
+    src = tmp_path / "base"
+    unmask.save(small(tok, "block"), src, dtype=torch.float32)
+    data = write_jsonl(tmp_path / "d.jsonl", [{"prompt": p, "completion": a} for p, a in FACTS])
+    cfg = FinetuneConfig(epochs=12, batch_size=3, lr=3e-3, val_frac=0.0, lora=lora, ckpt_interval=5)
+    whole = finetune(src, data, tmp_path / "whole", cfg, log=lambda *_: None)
+    assert whole["steps"] == 40 and not (tmp_path / "whole" / "checkpoints").exists()
+
+    def killer(msg):
+        if msg.startswith("step 12/"):
+            raise _Killed()
+
+    with pytest.raises(_Killed):
+        finetune(src, data, tmp_path / "cut", cfg, log=killer)
+    assert (tmp_path / "cut" / "checkpoints" / "latest").read_text().strip() == "step_00000010"
+    with pytest.raises(UserError, match="already exists and is not empty; choose another --out \\(or --resume"):
+        finetune(src, data, tmp_path / "cut", cfg, log=lambda *_: None)
+    other = write_jsonl(tmp_path / "e.jsonl", [{"prompt": p, "completion": a + "0"} for p, a in FACTS])
+    with pytest.raises(UserError, match="was written by another fine-tune \\(data_sha256 differs\\)"):
+        finetune(src, other, tmp_path / "cut", cfg, log=lambda *_: None, resume=True)
+    said = []
+    resumed = finetune(src, data, tmp_path / "cut", cfg, log=said.append, resume=True)
+    assert "resumed from step 10 of 40" in said
+    a, b = load_file(tmp_path / "whole" / "model.safetensors"), load_file(tmp_path / "cut" / "model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert [(h["step"], h["loss"]) for h in resumed["history"]] == [(h["step"], h["loss"]) for h in whole["history"]]
+    with pytest.raises(UserError, match="holds no fine-tune checkpoint"):
+        finetune(src, data, tmp_path / "fresh", cfg, log=lambda *_: None, resume=True)

@@ -30,10 +30,10 @@ def cmd_finetune(a) -> None:
 
     fields = dict(epochs=a.epochs, batch_size=a.batch_size, seq_len=a.seq_len, lr=a.lr, lora=a.lora,
                   lora_rank=a.lora_rank, lora_alpha=a.lora_alpha, val_frac=a.val_frac, seed=a.seed,
-                  threads=a.threads, skip_long=a.skip_long or None)
+                  threads=a.threads, skip_long=a.skip_long or None, ckpt_interval=a.ckpt_interval)
     cfg = parse(FinetuneConfig, {k: v for k, v in fields.items() if v is not None}, "unmask finetune")
     summary = finetune(a.model, a.data, a.out, cfg, device=pick_device(a.device),
-                       log=(lambda *_: None) if a.json else print)
+                       log=(lambda *_: None) if a.json else print, resume=a.resume)
     if a.json:
         print(json.dumps({k: v for k, v in summary.items() if k not in ("history", "config")}))
 
@@ -115,6 +115,9 @@ def add_training_commands(sub) -> None:
     ft.add_argument("--threads", type=_positive_int, default=None, help="torch CPU threads (default: torch's)")
     ft.add_argument("--device", default="auto", help="cpu, cuda, cuda:N, or auto (CUDA when available)")
     ft.add_argument("--json", action="store_true", help="print one JSON summary instead of progress")
+    ft.add_argument("--ckpt-interval", type=_positive_int, default=None,
+                    help="steps between checkpoints (default: a tenth of the run, at least 25)")
+    ft.add_argument("--resume", action="store_true", help="continue the interrupted fine-tune in --out exactly")
     ft.set_defaults(func=cmd_finetune)
 
     d = sub.add_parser("distill", help="make a diffusion model commit more tokens per forward: its own careful "

@@ -292,6 +292,7 @@ class FinetuneConfig(Strict):
     val_frac: float = Field(0.1, ge=0.0, lt=1.0)  # examples held out to measure the loss before and after
     seed: int = 0
     threads: int = Field(0, ge=0)  # CPU intra-op threads; 0 -> torch's default
+    ckpt_interval: int = Field(0, ge=0)  # steps between checkpoints for --resume; 0 -> a tenth of the run (>= 25)
     diffusion: DiffusionConfig = DiffusionConfig(estimator="count")
 
     @property

@@ -75,16 +75,60 @@ def held_out_loss(net, examples: list[Example], cfg: FinetuneConfig, device, see
     return nll / max(tokens, 1)
 
 
-def optimize(net, params, train: list[Example], cfg: FinetuneConfig, steps: int, loss_fn, log=print
-             ) -> tuple[list[dict], float]:
+class Checkpoints:
+    """Where a fine-tune keeps its checkpoints (train/checkpoint.py's format: safetensors and JSON) and
+    what must match for `--resume` to continue it exactly: the recipe and the data file's bytes."""
+
+    def __init__(self, root: Path, every: int, fingerprint: dict, resume: bool):
+        self.root, self.every, self.fingerprint, self.resume = root, every, fingerprint, resume
+
+    def save(self, step, net, opt, batches, gen, history) -> None:
+        from .checkpoint import save_checkpoint
+
+        rng = batches.rng.getstate()
+        save_checkpoint(self.root, step, net, opt, {
+            "fingerprint": self.fingerprint, "history": history,
+            "batches": {"order": batches.order, "rng": [rng[0], list(rng[1]), rng[2]]},
+            "generator": gen.get_state().tolist()})
+
+    def restore(self, net, opt, batches, gen) -> tuple[int, list[dict]]:
+        """The step to continue from (0 when not resuming) and the history so far."""
+        from .checkpoint import latest_checkpoint, load_checkpoint
+
+        if not self.resume:
+            return 0, []
+        ck = latest_checkpoint(self.root)
+        if ck is None:
+            raise UserError(f"--resume: {self.root} holds no checkpoint; run without --resume to start")
+        meta = json.loads((ck / "trainer.json").read_text())
+        theirs = meta.get("fingerprint", {})
+        for key in ("data_sha256", "model", "config"):
+            if theirs.get(key) != self.fingerprint[key]:
+                raise UserError(f"--resume: {ck} was written by another fine-tune ({key} differs); resume with the "
+                                "same --model, --data and settings, or choose another --out")
+        load_checkpoint(ck, net, opt)
+        b = meta["batches"]
+        batches.order = list(b["order"])
+        batches.rng.setstate((b["rng"][0], tuple(b["rng"][1]), b["rng"][2]))
+        gen.set_state(torch.tensor(meta["generator"], dtype=torch.uint8))
+        return meta["step"], meta["history"]
+
+
+def optimize(net, params, train: list[Example], cfg: FinetuneConfig, steps: int, loss_fn, log=print,
+             ckpt: Checkpoints | None = None) -> tuple[list[dict], float]:
     """`steps` AdamW steps (warmup, cosine) on batches of `train` in a fresh seeded order every epoch;
-    loss_fn(examples, generator) -> LossOutput. Returns the logged history and the seconds spent."""
+    loss_fn(examples, generator) -> LossOutput. With `ckpt`, a checkpoint every `ckpt.every` steps,
+    and a resumed run continues from the last one exactly (weights, optimizer, batch order, noise).
+    Returns the logged history and the seconds spent."""
     opt = torch.optim.AdamW(params, lr=cfg.learning_rate, betas=(0.9, 0.95), weight_decay=cfg.weight_decay)
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if net.rope_cos.is_cuda else contextlib.nullcontext()
     batches, gen = _Batches(train, cfg.batch_size, cfg.seed), torch.Generator().manual_seed(cfg.seed + 1)
-    history, t0 = [], time.perf_counter()
+    start, history = ckpt.restore(net, opt, batches, gen) if ckpt is not None else (0, [])
+    if start:
+        log(f"resumed from step {start} of {steps}")
+    t0 = time.perf_counter()
     net.train()
-    for step in range(steps):
+    for step in range(start, steps):
         lr = _lr(step, steps, cfg)
         for g in opt.param_groups:
             g["lr"] = lr
@@ -100,16 +144,27 @@ def optimize(net, params, train: list[Example], cfg: FinetuneConfig, steps: int,
         if (step + 1) % max(1, steps // 20) == 0 or step + 1 == steps:
             history.append({"step": step + 1, "loss": loss, "lr": lr, "seconds": time.perf_counter() - t0})
             log(f"step {step + 1}/{steps}: loss {loss:.4f}, lr {lr:.2e}")
+        if ckpt is not None and (step + 1) % ckpt.every == 0 and step + 1 < steps:
+            ckpt.save(step + 1, net, opt, batches, gen, history)
     return history, time.perf_counter() - t0
 
 
 def finetune(model_dir: str | Path | None, data: str | Path, out: str | Path, cfg: FinetuneConfig,
-             device: str = "cpu", log=print) -> dict:
+             device: str = "cpu", log=print, resume: bool = False) -> dict:
+    """The model is written to `out`; its checkpoints go to `out/checkpoints` while it trains (and
+    are removed once the model is saved). resume: continue the fine-tune whose checkpoints are there."""
+    import hashlib
+    import shutil
+
     from ..pretrained import load, save
 
     out = Path(out)
-    if out.exists() and any(out.iterdir()):
-        raise UserError(f"{out}: already exists and is not empty; choose another --out")
+    ckpt_root = out / "checkpoints"
+    if resume and not (ckpt_root / "latest").exists():
+        raise UserError(f"--resume: {out} holds no fine-tune checkpoint; run without --resume to start")
+    if not resume and out.exists() and any(out.iterdir()):
+        raise UserError(f"{out}: already exists and is not empty; choose another --out"
+                        + (" (or --resume: it holds checkpoints)" if (ckpt_root / "latest").exists() else ""))
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     model = load(model_dir, device=device)
@@ -139,8 +194,11 @@ def finetune(model_dir: str | Path | None, data: str | Path, out: str | Path, cf
         f"{'LoRA rank ' + str(cfg.lora_rank) if cfg.lora else 'all weights'} ({n_train:,} trainable parameters)")
     if before is not None:
         log(f"held-out loss before: {before:.4f} nats/answer token")
+    fingerprint = {"data_sha256": hashlib.sha256(Path(data).read_bytes()).hexdigest(), "model": str(model.path),
+                   "config": cfg.model_dump(exclude={"threads"})}
+    ckpt = Checkpoints(ckpt_root, cfg.ckpt_interval or max(25, steps // 10), fingerprint, resume)
     history, seconds = optimize(net, params, train, cfg, steps,
-                                lambda batch, gen: _loss(net, batch, gen, cfg, schedule, device), log)
+                                lambda batch, gen: _loss(net, batch, gen, cfg, schedule, device), log, ckpt)
     after = held_out_loss(net, val, cfg, device)
     merged = merge_lora(net) if cfg.lora else 0
     net.eval()
@@ -151,6 +209,7 @@ def finetune(model_dir: str | Path | None, data: str | Path, out: str | Path, cf
                "lora_layers_merged": merged, "config": cfg.model_dump(), "history": history}
     save(model, out, card=_card(model, data, cfg, summary), dtype=torch.float32)
     atomic_write_text(out / "finetune.json", json.dumps(summary, indent=1) + "\n")
+    shutil.rmtree(ckpt_root, ignore_errors=True)  # the model is saved: nothing left to resume
     if after is not None:
         log(f"held-out loss after: {after:.4f} nats/answer token")
     log(f"saved {out} ({seconds:.0f} s of training)")
