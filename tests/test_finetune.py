@@ -202,3 +202,16 @@ def test_interrupted_then_resumed_equals_one_run(tok, tmp_path, lora):
     assert [(h["step"], h["loss"]) for h in resumed["history"]] == [(h["step"], h["loss"]) for h in whole["history"]]
     with pytest.raises(UserError, match="holds no fine-tune checkpoint"):
         finetune(src, data, tmp_path / "fresh", cfg, log=lambda *_: None, resume=True)
+
+
+def test_activation_checkpointing_changes_nothing_but_memory(tok, tmp_path):
+    from safetensors.torch import load_file
+
+    src = tmp_path / "base"
+    unmask.save(small(tok, "block"), src, dtype=torch.float32)
+    data = write_jsonl(tmp_path / "d.jsonl", [{"prompt": p, "completion": a} for p, a in FACTS])
+    for name, ac in (("plain", False), ("ac", True)):
+        finetune(src, data, tmp_path / name, FinetuneConfig(epochs=3, batch_size=4, lr=3e-3, val_frac=0.0,
+                                                             activation_checkpointing=ac), log=lambda *_: None)
+    a, b = load_file(tmp_path / "plain" / "model.safetensors"), load_file(tmp_path / "ac" / "model.safetensors")
+    assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], rtol=0, atol=1e-6) for k in a)

@@ -293,6 +293,10 @@ class FinetuneConfig(Strict):
     seed: int = 0
     threads: int = Field(0, ge=0)  # CPU intra-op threads; 0 -> torch's default
     ckpt_interval: int = Field(0, ge=0)  # steps between checkpoints for --resume; 0 -> a tenth of the run (>= 25)
+    # Under torchrun: "ddp" (replicas) or "fsdp" (FSDP2: parameters, gradients and optimizer state sharded);
+    # "auto" = ddp with several ranks, a plain single process otherwise (train/parallel.py)
+    parallel: Literal["auto", "none", "ddp", "fsdp"] = "auto"
+    activation_checkpointing: bool = False  # recompute each block's activations in the backward pass
     diffusion: DiffusionConfig = DiffusionConfig(estimator="count")
 
     @property

@@ -94,3 +94,50 @@ def load_checkpoint(path: Path, model: torch.nn.Module, opt: torch.optim.Optimiz
                             "config it was trained with")
         ema.load_state_dict(load_file(path / "ema.safetensors"))
     return meta
+
+
+def save_full_checkpoint(root: Path, step: int, model_state: dict[str, torch.Tensor], optim_state: dict,
+                         param_groups: list, extra: dict, keep: int = 2) -> Path:
+    """A checkpoint of full (gathered) state keyed by parameter name (train/parallel.py: written by
+    rank 0 whatever the number of ranks, so it resumes on any): model.safetensors, optimizer.safetensors
+    ("<name>/<exp_avg|exp_avg_sq|step>"), trainer.json. Atomic like `save_checkpoint`."""
+    root.mkdir(parents=True, exist_ok=True)
+    final = root / f"step_{step:08d}"
+    tmp = Path(tempfile.mkdtemp(dir=root, prefix=f".step_{step:08d}."))
+    try:
+        state, seen = {}, set()
+        for k, v in model_state.items():
+            if v.data_ptr() in seen and k == "lm_head.weight":  # tied to the embedding: stored once
+                continue
+            seen.add(v.data_ptr())
+            state[k] = v.detach().cpu().contiguous()
+        save_file(state, tmp / "model.safetensors")
+        tensors = {f"{name}/{k}": (v if torch.is_tensor(v) else torch.tensor(v)).detach().cpu().contiguous()
+                   for name, st in optim_state.items() for k, v in st.items()}
+        tensors["rng.torch"] = torch.get_rng_state()
+        save_file(tensors, tmp / "optimizer.safetensors")
+        (tmp / "trainer.json").write_text(json.dumps({"step": step, "param_groups": param_groups, **extra}, indent=2))
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    atomic_write_text(root / "latest", final.name + "\n")
+    for old in sorted(root.glob("step_*"))[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def load_full_checkpoint(path: Path) -> tuple[dict, dict, dict]:
+    """(model state, optimizer state {name: {key: tensor}}, trainer.json) of `save_full_checkpoint`;
+    restores the torch RNG."""
+    meta = json.loads((path / "trainer.json").read_text())
+    model = load_file(path / "model.safetensors")
+    tensors = load_file(path / "optimizer.safetensors")
+    torch.set_rng_state(tensors.pop("rng.torch"))
+    optim: dict[str, dict] = {}
+    for key, v in tensors.items():
+        name, k = key.rsplit("/", 1)
+        optim.setdefault(name, {})[k] = v
+    return model, optim, meta

@@ -19,6 +19,8 @@ import torch
 
 from ..config import FinetuneConfig, atomic_write_text
 from ..diffusion import compute_loss, draw_noise, get_schedule
+from ..diffusion.losses import LossOutput
+from . import distributed, parallel
 from ..errors import UserError
 from .lora import add_lora, merge_lora
 from .sft_data import Example, collate, load_examples
@@ -48,15 +50,30 @@ class _Batches:
         return [self.examples[i] for i in take]
 
 
-def _loss(net, examples: list[Example], gen: torch.Generator, cfg: FinetuneConfig, schedule, device):
-    c = net.config
+def _loss(net, examples: list[Example], gen: torch.Generator, cfg: FinetuneConfig, schedule, device, c=None,
+          rank: int = 0, world: int = 1):
+    """The loss of a batch. With several ranks every rank lays out the whole batch and draws its noise
+    (the same on each), then computes its own share of the rows; the share's mean is scaled so that the
+    ranks' average (what DDP and FSDP reduce gradients to) is the whole batch's mean."""
+    c = c or net.config
     x0, prompt = collate(examples, c.objective, c.block_size, c.eos_token_id, c.pad_token_id)
     noise = None
     if c.objective != "ar":
         noise = draw_noise(x0.shape[0], x0.shape[1], gen, block_size=c.block_size if c.objective == "bd3lm" else None,
-                           eps=cfg.diffusion.eps, antithetic=cfg.diffusion.antithetic).to(device)
-    return compute_loss(c.objective, net, x0.to(device), noise, schedule, c.mask_token_id, c.block_size,
-                        prompt_mask=prompt.to(device), estimator=cfg.diffusion.estimator, eps=cfg.diffusion.eps)
+                           eps=cfg.diffusion.eps, antithetic=cfg.diffusion.antithetic)
+    n = len(examples)
+    lo, hi = n * rank // world, n * (rank + 1) // world
+    scale = (hi - lo) * world / n
+    if world > 1:
+        if hi == lo:  # fewer rows than ranks (an epoch's short last batch): a row with no weight
+            lo, hi, scale = 0, 1, 0.0
+        x0, prompt, noise = x0[lo:hi], prompt[lo:hi], None if noise is None else noise[lo:hi]
+    res = compute_loss(c.objective, net, x0.to(device), None if noise is None else noise.to(device), schedule,
+                       c.mask_token_id, c.block_size, prompt_mask=prompt.to(device), estimator=cfg.diffusion.estimator,
+                       eps=cfg.diffusion.eps)
+    if world > 1:
+        res = LossOutput(res.loss * scale, res.nll, res.tokens)
+    return res
 
 
 @torch.no_grad()
@@ -79,34 +96,44 @@ class Checkpoints:
     """Where a fine-tune keeps its checkpoints (train/checkpoint.py's format: safetensors and JSON) and
     what must match for `--resume` to continue it exactly: the recipe and the data file's bytes."""
 
-    def __init__(self, root: Path, every: int, fingerprint: dict, resume: bool):
+    def __init__(self, root: Path, every: int, fingerprint: dict, resume: bool, d=None):
         self.root, self.every, self.fingerprint, self.resume = root, every, fingerprint, resume
+        self.d = d or distributed.Dist()
 
     def save(self, step, net, opt, batches, gen, history) -> None:
-        from .checkpoint import save_checkpoint
+        """Every rank calls it (gathering the full state is a collective); rank 0 writes."""
+        from .checkpoint import save_full_checkpoint
 
-        rng = batches.rng.getstate()
-        save_checkpoint(self.root, step, net, opt, {
-            "fingerprint": self.fingerprint, "history": history,
-            "batches": {"order": batches.order, "rng": [rng[0], list(rng[1]), rng[2]]},
-            "generator": gen.get_state().tolist()})
+        model, optim = parallel.full_state(net, opt)
+        if self.d.main:
+            rng = batches.rng.getstate()
+            groups = [{k: v for k, v in g.items() if k != "params"} for g in opt.param_groups]
+            save_full_checkpoint(self.root, step, model, optim, groups, {
+                "fingerprint": self.fingerprint, "history": history, "world": self.d.world,
+                "batches": {"order": batches.order, "rng": [rng[0], list(rng[1]), rng[2]]},
+                "generator": gen.get_state().tolist()})
+        self.d.barrier()
 
     def restore(self, net, opt, batches, gen) -> tuple[int, list[dict]]:
         """The step to continue from (0 when not resuming) and the history so far."""
-        from .checkpoint import latest_checkpoint, load_checkpoint
+        from .checkpoint import latest_checkpoint, load_full_checkpoint
 
         if not self.resume:
             return 0, []
         ck = latest_checkpoint(self.root)
         if ck is None:
             raise UserError(f"--resume: {self.root} holds no checkpoint; run without --resume to start")
-        meta = json.loads((ck / "trainer.json").read_text())
+        model, optim, meta = load_full_checkpoint(ck)
         theirs = meta.get("fingerprint", {})
         for key in ("data_sha256", "model", "config"):
             if theirs.get(key) != self.fingerprint[key]:
                 raise UserError(f"--resume: {ck} was written by another fine-tune ({key} differs); resume with the "
                                 "same --model, --data and settings, or choose another --out")
-        load_checkpoint(ck, net, opt)
+        from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
+
+        names = get_optimizer_state_dict(net, opt)["param_groups"]  # each group's parameter names, as set_state_dict wants
+        groups = [{**g, "params": n["params"]} for g, n in zip(meta["param_groups"], names)]
+        parallel.load_full_state(net, opt, model, optim, groups)
         b = meta["batches"]
         batches.order = list(b["order"])
         batches.rng.setstate((b["rng"][0], tuple(b["rng"][1]), b["rng"][2]))
@@ -114,14 +141,28 @@ class Checkpoints:
         return meta["step"], meta["history"]
 
 
+class Stopped(Exception):
+    """The time limit ended a fine-tune early, after a checkpoint (continue it with --resume)."""
+
+    def __init__(self, step: int, steps: int):
+        super().__init__(f"stopped after step {step} of {steps}")
+        self.step, self.steps = step, steps
+
+
 def optimize(net, params, train: list[Example], cfg: FinetuneConfig, steps: int, loss_fn, log=print,
-             ckpt: Checkpoints | None = None) -> tuple[list[dict], float]:
+             ckpt: Checkpoints | None = None, d=None, time_limit: float | None = None) -> tuple[list[dict], float]:
     """`steps` AdamW steps (warmup, cosine) on batches of `train` in a fresh seeded order every epoch;
     loss_fn(examples, generator) -> LossOutput. With `ckpt`, a checkpoint every `ckpt.every` steps,
     and a resumed run continues from the last one exactly (weights, optimizer, batch order, noise).
+    d: the ranks (train/distributed.py); the logged loss is the whole batch's. time_limit: seconds, after
+    which the run checkpoints and raises Stopped (every rank at the same step).
     Returns the logged history and the seconds spent."""
+    d = d or distributed.Dist()
     opt = torch.optim.AdamW(params, lr=cfg.learning_rate, betas=(0.9, 0.95), weight_decay=cfg.weight_decay)
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if net.rope_cos.is_cuda else contextlib.nullcontext()
+    cuda = next(net.buffers()).is_cuda
+    # bf16 autocast on CUDA (FSDP brings its own mixed-precision policy instead)
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if cuda and not parallel.is_sharded(net) \
+        else contextlib.nullcontext()
     batches, gen = _Batches(train, cfg.batch_size, cfg.seed), torch.Generator().manual_seed(cfg.seed + 1)
     start, history = ckpt.restore(net, opt, batches, gen) if ckpt is not None else (0, [])
     if start:
@@ -138,19 +179,22 @@ def optimize(net, params, train: list[Example], cfg: FinetuneConfig, steps: int,
         torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
         opt.step()
         opt.zero_grad(set_to_none=True)
-        loss = float(res.loss.detach())
+        loss = float(d.mean(res.loss.detach()))
         if not math.isfinite(loss):
             raise UserError(f"the loss became {loss} at step {step + 1}; lower --lr")
         if (step + 1) % max(1, steps // 20) == 0 or step + 1 == steps:
             history.append({"step": step + 1, "loss": loss, "lr": lr, "seconds": time.perf_counter() - t0})
             log(f"step {step + 1}/{steps}: loss {loss:.4f}, lr {lr:.2e}")
-        if ckpt is not None and (step + 1) % ckpt.every == 0 and step + 1 < steps:
+        late = time_limit is not None and d.any_true(time.perf_counter() - t0 > time_limit)
+        if ckpt is not None and ((step + 1) % ckpt.every == 0 or late) and step + 1 < steps:
             ckpt.save(step + 1, net, opt, batches, gen, history)
+        if late and step + 1 < steps and ckpt is not None:
+            raise Stopped(step + 1, steps)
     return history, time.perf_counter() - t0
 
 
 def finetune(model_dir: str | Path | None, data: str | Path, out: str | Path, cfg: FinetuneConfig,
-             device: str = "cpu", log=print, resume: bool = False) -> dict:
+             device: str = "cpu", log=print, resume: bool = False, time_limit: float | None = None) -> dict:
     """The model is written to `out`; its checkpoints go to `out/checkpoints` while it trains (and
     are removed once the model is saved). resume: continue the fine-tune whose checkpoints are there."""
     import hashlib
@@ -165,6 +209,12 @@ def finetune(model_dir: str | Path | None, data: str | Path, out: str | Path, cf
     if not resume and out.exists() and any(out.iterdir()):
         raise UserError(f"{out}: already exists and is not empty; choose another --out"
                         + (" (or --resume: it holds checkpoints)" if (ckpt_root / "latest").exists() else ""))
+    d = distributed.init()  # torchrun: one process per rank (train/parallel.py applies DDP or FSDP)
+    mode = cfg.parallel if cfg.parallel != "auto" else ("ddp" if d.world > 1 else "none")
+    if d.world > 1:
+        device = str(d.device)
+        if cfg.batch_size < d.world:
+            raise UserError(f"--batch-size {cfg.batch_size} is smaller than the {d.world} ranks; each rank needs a row")
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     model = load(model_dir, device=device)
@@ -187,6 +237,11 @@ def finetune(model_dir: str | Path | None, data: str | Path, out: str | Path, cf
         params = list(net.parameters())
     n_train = sum(p.numel() for p in params)
     schedule = get_schedule(cfg.diffusion.schedule)
+    run = parallel.parallelize(net, mode, d.world, torch.device(device), cfg.activation_checkpointing)
+    if d.world > 1 or mode == "fsdp":
+        params = [p for p in net.parameters() if p.requires_grad]  # FSDP's sharded parameters replace the originals
+    if not d.main:
+        log = lambda *_: None  # noqa: E731  (rank 0 speaks for all)
     before = held_out_loss(net, val, cfg, device)
     if skipped:
         log(f"finetune: left out {skipped} examples longer than {seq_len} tokens")
@@ -195,11 +250,31 @@ def finetune(model_dir: str | Path | None, data: str | Path, out: str | Path, cf
     if before is not None:
         log(f"held-out loss before: {before:.4f} nats/answer token")
     fingerprint = {"data_sha256": hashlib.sha256(Path(data).read_bytes()).hexdigest(), "model": str(model.path),
-                   "config": cfg.model_dump(exclude={"threads"})}
-    ckpt = Checkpoints(ckpt_root, cfg.ckpt_interval or max(25, steps // 10), fingerprint, resume)
-    history, seconds = optimize(net, params, train, cfg, steps,
-                                lambda batch, gen: _loss(net, batch, gen, cfg, schedule, device), log, ckpt)
+                   "config": cfg.model_dump(exclude={"threads", "parallel", "activation_checkpointing", "ckpt_interval"})}
+    ckpt = Checkpoints(ckpt_root, cfg.ckpt_interval or max(25, steps // 10), fingerprint, resume, d)
+    try:
+        history, seconds = optimize(net, params, train, cfg, steps,
+                                    lambda batch, gen: _loss(run, batch, gen, cfg, schedule, device, mc, d.rank, d.world),
+                                    log, ckpt, d, time_limit)
+    except Stopped as e:
+        log(f"time limit: {e}; continue with --resume (checkpoint in {ckpt_root})")
+        distributed.shutdown()
+        return {"stopped_at": e.step, "steps": e.steps, "rank": d.rank}
     after = held_out_loss(net, val, cfg, device)
+    if parallel.is_sharded(net):  # gather the shards into one plain model on rank 0
+        from ..model import Transformer
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        full = get_model_state_dict(net, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        net = Transformer(mc)
+        if cfg.lora:
+            add_lora(net, cfg.lora_targets, cfg.lora_rank, cfg.lora_alpha, cfg.lora_dropout)
+        net.load_state_dict(full, strict=False)
+        model.net = net
+    if not d.main:
+        d.barrier()
+        distributed.shutdown()
+        return {"steps": steps, "history": history, "rank": d.rank}
     merged = merge_lora(net) if cfg.lora else 0
     net.eval()
     summary = {"model": str(model.path), "data": str(data), "examples": len(examples), "skipped_long": skipped,
@@ -213,6 +288,8 @@ def finetune(model_dir: str | Path | None, data: str | Path, out: str | Path, cf
     if after is not None:
         log(f"held-out loss after: {after:.4f} nats/answer token")
     log(f"saved {out} ({seconds:.0f} s of training)")
+    d.barrier()
+    distributed.shutdown()
     return summary
 
 
