@@ -28,7 +28,12 @@ def main() -> int:
     ap.add_argument("--batch", type=int, default=16, help="requests in flight")
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--json", default=None)
+    ap.add_argument("--layout", choices=("prefix", "keys"), default="prefix",
+                    help="keys: the suite's schemas of fixed shape only, laid out by their keys, timed against the "
+                         "same schemas in the default layout (structured/layout.py)")
     args = ap.parse_args()
+    if args.layout == "keys":
+        return keys_layout(args)
     import torch
 
     import unmask
@@ -72,6 +77,51 @@ def main() -> int:
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps({"max_tokens": args.max_tokens, "batch": args.batch,
+                                               "rows": report}, indent=1))
+    return 0
+
+
+def keys_layout(args) -> int:
+    """The fixed-shape schemas of the suite, laid out by their keys against the default layout and
+    against no format, interleaved rounds. Both layouts write the same compact JSON, so they are compared
+    on forwards and seconds per output, and on the output's own tokens (re-encoded) per second."""
+    import torch
+
+    import unmask
+    from unmask.engine import Engine
+    from unmask.structured.layout import fixed_shape
+    from unmask.structured.suite import CASES, run_suite
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    sel = [c for c in CASES if c.schema is not None and fixed_shape(c.schema)]
+    report = []
+    for path in args.models:
+        model = unmask.load(path)
+        tok = model.tokenizer
+        eng = Engine(model, max_batch=args.batch)
+        run_suite(model, engine=eng, max_tokens=64, selected=sel[:4], layout="keys")  # warm-up, untimed
+        runs = {"prefix": [], "keys": [], "none": []}
+        for _ in range(args.rounds):
+            for name in ("prefix", "keys", "none"):
+                runs[name].append(run_suite(model, engine=eng, max_tokens=args.max_tokens, selected=sel,
+                                            layout=name if name != "none" else "prefix", constrained=name != "none"))
+        row = {"model": path, "n": len(sel)}
+        for name, rs in runs.items():
+            best = min(rs, key=lambda r: r["seconds"])
+            out_tokens = sum(len(tok.encode(r["text"], allow_special=False)) for r in best["rows"])
+            row[name] = {"valid": best["valid"] if name != "none" else None, "nfe": best["nfe"],
+                         "seconds": round(best["seconds"], 3), "output_tokens": out_tokens,
+                         "output_tokens_per_forward": round(out_tokens / max(best["nfe"], 1), 3),
+                         "output_tokens_per_second": round(out_tokens / best["seconds"], 1)}
+        report.append(row)
+        print(f"{Path(path).name:>18}: " + " | ".join(
+            f"{k}: valid {v['valid']} nfe {v['nfe']} {v['seconds']:.1f} s, {v['output_tokens_per_forward']:.2f} "
+            f"out-tok/forward, {v['output_tokens_per_second']:.0f} out-tok/s" for k, v in row.items()
+            if isinstance(v, dict)), flush=True)
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps({"max_tokens": args.max_tokens, "batch": args.batch, "layout": "keys",
                                                "rows": report}, indent=1))
     return 0
 

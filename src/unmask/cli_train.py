@@ -31,7 +31,8 @@ def cmd_finetune(a) -> None:
     fields = dict(epochs=a.epochs, batch_size=a.batch_size, seq_len=a.seq_len, lr=a.lr, lora=a.lora,
                   lora_rank=a.lora_rank, lora_alpha=a.lora_alpha, val_frac=a.val_frac, seed=a.seed,
                   threads=a.threads, skip_long=a.skip_long or None, ckpt_interval=a.ckpt_interval,
-                  parallel=a.parallel, activation_checkpointing=a.activation_checkpointing or None)
+                  parallel=a.parallel, activation_checkpointing=a.activation_checkpointing or None,
+                  noise_samples=a.noise_samples)
     cfg = parse(FinetuneConfig, {k: v for k, v in fields.items() if v is not None}, "unmask finetune")
     summary = finetune(a.model, a.data, a.out, cfg, device=pick_device(a.device),
                        log=(lambda *_: None) if a.json else print, resume=a.resume, time_limit=a.time_limit)
@@ -125,6 +126,8 @@ def add_training_commands(sub) -> None:
                     help="stop cleanly after the first step past this many seconds of training, with a checkpoint")
     ft.add_argument("--parallel", choices=("auto", "none", "ddp", "fsdp"), default=None,
                     help="under torchrun: ddp (replicas) or fsdp (FSDP2 sharding); auto (default): ddp with several ranks")
+    ft.add_argument("--noise-samples", type=_positive_int, default=None,
+                    help="diffusion models: noise each example this many times per step (default 1)")
     ft.add_argument("--activation-checkpointing", action="store_true",
                     help="recompute block activations in the backward pass (less memory, more compute)")
     ft.set_defaults(func=cmd_finetune)

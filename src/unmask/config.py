@@ -297,6 +297,9 @@ class FinetuneConfig(Strict):
     # "auto" = ddp with several ranks, a plain single process otherwise (train/parallel.py)
     parallel: Literal["auto", "none", "ddp", "fsdp"] = "auto"
     activation_checkpointing: bool = False  # recompute each block's activations in the backward pass
+    # diffusion objectives: each example is noised this many times per step (its copies' losses are
+    # averaged), so each answer token is masked, hence learned, in more of the steps that see it
+    noise_samples: int = Field(1, ge=1, le=16)
     diffusion: DiffusionConfig = DiffusionConfig(estimator="count")
 
     @property

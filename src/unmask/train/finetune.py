@@ -56,6 +56,8 @@ def _loss(net, examples: list[Example], gen: torch.Generator, cfg: FinetuneConfi
     (the same on each), then computes its own share of the rows; the share's mean is scaled so that the
     ranks' average (what DDP and FSDP reduce gradients to) is the whole batch's mean."""
     c = c or net.config
+    if c.objective != "ar" and cfg.noise_samples > 1:  # each example noised several times (FinetuneConfig)
+        examples = [e for e in examples for _ in range(cfg.noise_samples)]
     x0, prompt = collate(examples, c.objective, c.block_size, c.eos_token_id, c.pad_token_id)
     noise = None
     if c.objective != "ar":
