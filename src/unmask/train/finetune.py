@@ -260,7 +260,8 @@ def finetune(model_dir: str | Path | None, data: str | Path, out: str | Path, cf
                                     log, ckpt, d, time_limit)
     except Stopped as e:
         log(f"time limit: {e}; continue with --resume (checkpoint in {ckpt_root})")
-        distributed.shutdown()
+        model = net = run = params = None  # noqa: F841  (the wrappers go before the process group)
+        _shutdown(d)
         return {"stopped_at": e.step, "steps": e.steps, "rank": d.rank}
     after = held_out_loss(net, val, cfg, device)
     if parallel.is_sharded(net):  # gather the shards into one plain model on rank 0
@@ -274,8 +275,8 @@ def finetune(model_dir: str | Path | None, data: str | Path, out: str | Path, cf
         net.load_state_dict(full, strict=False)
         model.net = net
     if not d.main:
-        d.barrier()
-        distributed.shutdown()
+        model = net = run = params = None  # noqa: F841
+        _shutdown(d)
         return {"steps": steps, "history": history, "rank": d.rank}
     merged = merge_lora(net) if cfg.lora else 0
     net.eval()
@@ -290,9 +291,20 @@ def finetune(model_dir: str | Path | None, data: str | Path, out: str | Path, cf
     if after is not None:
         log(f"held-out loss after: {after:.4f} nats/answer token")
     log(f"saved {out} ({seconds:.0f} s of training)")
-    d.barrier()
-    distributed.shutdown()
+    run = params = None  # noqa: F841
+    _shutdown(d)
     return summary
+
+
+def _shutdown(d) -> None:
+    """Leave the process group once every rank is here. The callers drop their DDP / FSDP wrappers
+    first: a wrapper outliving its group aborted a gloo rank at exit ("terminate called without an
+    active exception")."""
+    import gc
+
+    d.barrier()
+    gc.collect()
+    distributed.shutdown()
 
 
 def _card(model, data, cfg: FinetuneConfig, s: dict) -> str:
