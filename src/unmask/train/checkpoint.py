@@ -31,22 +31,15 @@ def _optimizer_tensors(opt: torch.optim.Optimizer) -> tuple[dict[str, torch.Tens
     return tensors, {"param_groups": sd["param_groups"], "scalars": scalars}
 
 
-def save_checkpoint(root: Path, step: int, model: torch.nn.Module, opt: torch.optim.Optimizer,
-                    extra: dict, keep: int = 2, ema_state: dict[str, torch.Tensor] | None = None) -> Path:
+def _commit(root: Path, step: int, keep: int, write) -> Path:
+    """`write(tmp)` fills a temp directory, which is renamed into place as step_<step>; `latest` then
+    points at it (by rename) and only the newest `keep` checkpoints stay. A crash at any instant
+    leaves the previous checkpoint usable."""
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"step_{step:08d}"
     tmp = Path(tempfile.mkdtemp(dir=root, prefix=f".step_{step:08d}."))
     try:
-        state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-        if "lm_head.weight" in state and state["lm_head.weight"].data_ptr() == state["embed.weight"].data_ptr():
-            state.pop("lm_head.weight")
-        save_file(state, tmp / "model.safetensors")
-        opt_tensors, opt_meta = _optimizer_tensors(opt)
-        opt_tensors["rng.torch"] = torch.get_rng_state()
-        save_file(opt_tensors, tmp / "optimizer.safetensors")
-        if ema_state is not None:
-            save_file(ema_state, tmp / "ema.safetensors")
-        (tmp / "trainer.json").write_text(json.dumps({"step": step, "optimizer": opt_meta, **extra}, indent=2))
+        write(tmp)
         if final.exists():
             shutil.rmtree(final)
         os.replace(tmp, final)
@@ -57,6 +50,23 @@ def save_checkpoint(root: Path, step: int, model: torch.nn.Module, opt: torch.op
     for old in sorted(root.glob("step_*"))[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
     return final
+
+
+def save_checkpoint(root: Path, step: int, model: torch.nn.Module, opt: torch.optim.Optimizer,
+                    extra: dict, keep: int = 2, ema_state: dict[str, torch.Tensor] | None = None) -> Path:
+    def write(tmp: Path) -> None:
+        state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+        if "lm_head.weight" in state and state["lm_head.weight"].data_ptr() == state["embed.weight"].data_ptr():
+            state.pop("lm_head.weight")
+        save_file(state, tmp / "model.safetensors")
+        opt_tensors, opt_meta = _optimizer_tensors(opt)
+        opt_tensors["rng.torch"] = torch.get_rng_state()
+        save_file(opt_tensors, tmp / "optimizer.safetensors")
+        if ema_state is not None:
+            save_file(ema_state, tmp / "ema.safetensors")
+        (tmp / "trainer.json").write_text(json.dumps({"step": step, "optimizer": opt_meta, **extra}, indent=2))
+
+    return _commit(root, step, keep, write)
 
 
 def latest_checkpoint(root: Path) -> Path | None:
@@ -101,10 +111,7 @@ def save_full_checkpoint(root: Path, step: int, model_state: dict[str, torch.Ten
     """A checkpoint of full (gathered) state keyed by parameter name (train/parallel.py: written by
     rank 0 whatever the number of ranks, so it resumes on any): model.safetensors, optimizer.safetensors
     ("<name>/<exp_avg|exp_avg_sq|step>"), trainer.json. Atomic like `save_checkpoint`."""
-    root.mkdir(parents=True, exist_ok=True)
-    final = root / f"step_{step:08d}"
-    tmp = Path(tempfile.mkdtemp(dir=root, prefix=f".step_{step:08d}."))
-    try:
+    def write(tmp: Path) -> None:
         state, seen = {}, set()
         for k, v in model_state.items():
             if v.data_ptr() in seen and k == "lm_head.weight":  # tied to the embedding: stored once
@@ -117,16 +124,8 @@ def save_full_checkpoint(root: Path, step: int, model_state: dict[str, torch.Ten
         tensors["rng.torch"] = torch.get_rng_state()
         save_file(tensors, tmp / "optimizer.safetensors")
         (tmp / "trainer.json").write_text(json.dumps({"step": step, "param_groups": param_groups, **extra}, indent=2))
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    atomic_write_text(root / "latest", final.name + "\n")
-    for old in sorted(root.glob("step_*"))[:-keep]:
-        shutil.rmtree(old, ignore_errors=True)
-    return final
+
+    return _commit(root, step, keep, write)
 
 
 def load_full_checkpoint(path: Path) -> tuple[dict, dict, dict]:
