@@ -90,9 +90,19 @@ def cmd_serve(a) -> None:
         raise UserError("--max-queue must be >= 0 and --timeout > 0")
     cfg = ServerConfig(api_key=a.api_key, max_batch=a.max_batch, max_queue=a.max_queue, request_timeout=a.timeout,
                        max_body_bytes=a.max_body_bytes, max_tokens_limit=a.max_tokens_limit)
+    if a.tensor_parallel > 1 and "WORLD_SIZE" not in os.environ:
+        from .engine.tensor_parallel import precheck
+
+        from .server.launch import spawn_ranks
+
+        if a.quantize or a.backend != "torch":
+            raise UserError(f"--tensor-parallel runs the plain torch forward: drop --{'quantize' if a.quantize else 'backend'}")
+        precheck(a.model, a.tensor_parallel)  # a world size that does not divide the heads: one line, exit 2
+        # not under torchrun: start the ranks ourselves, on this machine, and wait for them
+        raise SystemExit(spawn_ranks(a.tensor_parallel, [sys.executable, "-m", "unmask", *sys.argv[1:]]))
     serve(a.model, a.host, a.port, cfg=cfg,
           engine_options=dict(quantize=a.quantize, cache=a.cache, lookahead=a.lookahead, backend=a.backend),
-          device=a.device)
+          device=a.device, tensor_parallel=a.tensor_parallel)
 
 
 def cmd_eval_bpb(a) -> None:
@@ -284,6 +294,9 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--cache", default="auto", help="KV cache: auto, exact, prefix, dual or none")
     sv.add_argument("--no-lookahead", dest="lookahead", action="store_false", help=LOOKAHEAD_HELP)
     sv.add_argument("--device", default="auto", help="cpu, cuda, cuda:N, or auto (CUDA when available)")
+    sv.add_argument("--tensor-parallel", type=_positive_int, default=1, metavar="N",
+                    help="split each layer's heads and MLP over N ranks (N GPUs; a model too big for one): "
+                         "under torchrun with N ranks, or unmask starts them on this machine")
     sv.set_defaults(func=cmd_serve)
 
     ev = sub.add_parser("eval", help="quality evaluations").add_subparsers(dest="eval_command", required=True)

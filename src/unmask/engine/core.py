@@ -21,7 +21,7 @@ from ..decode import make_plan, remask
 from ..errors import UserError
 from ..sampling.penalties import penalise
 from ..sampling.policies import ENTROPY, LEARNED, LEFTMOST, MARGIN, StepParams, propose_batch, select_commits
-from . import cpu_linear
+from . import cpu_linear, tensor_parallel
 from .cuda_graphs import GraphedForward
 from .kv_cache import PagedKVCache
 from .request import Request
@@ -101,7 +101,11 @@ class EngineCore:
             model = quantize_model(model, quantize)
             self.model = model
         self.net = model.net
-        if quantize is None and not llama and cpu_linear.applies(self.net):
+        tp = tensor_parallel.degree(self.net)
+        if tp > 1 and (quantize is not None or compile or cuda_graphs or llama):
+            raise UserError("a tensor-parallel model runs the plain torch forward: drop quantize / compile / "
+                            "cuda_graphs / backend 'llama.cpp'")
+        if quantize is None and not llama and tp == 1 and cpu_linear.applies(self.net):
             self.net = cpu_linear.cpu_linears(self.net)
         # compile on a CPU: decode steps padded to static buckets, each compiled once (cpu_compile.py).
         # Elsewhere (or without a cache to bucket) the whole net under torch.compile, as before; that
@@ -125,9 +129,11 @@ class EngineCore:
             dtype = next(model.net.parameters()).dtype
             dtype = dtype if dtype.is_floating_point else torch.float32
             budget = kv_budget_tokens or default_kv_budget(cfg, max_batch, dtype, model.device)
-            cache_obj = PagedKVCache(cfg.n_layers, cfg.kv_heads, cfg.head_dim, budget, page, model.device, dtype,
-                                     storage=not llama)
+            cache_obj = PagedKVCache(cfg.n_layers, tensor_parallel.local_kv_heads(self.net, cfg), cfg.head_dim,
+                                     budget, page, model.device, dtype, storage=not llama)
         self.cache = cache_obj
+        # rank 0 of a tensor-parallel model: the other ranks mirror its cache and run its forwards
+        self.tp_driver = tensor_parallel.Driver.start(cache_obj, model.device) if tp > 1 else None
         if llama:
             from .llamacpp.runner import LlamaCppRunner
             if cache_obj is None:
@@ -142,7 +148,8 @@ class EngineCore:
             if cpu_steps:
                 from .cpu_compile import CompiledForward
                 graphs = CompiledForward(model.net, cache_obj, cfg, self.max_rows, plan.decode_window)
-            self.runner = ModelRunner(self.net, cache_obj, cfg, plan, graphs)
+            self.runner = ModelRunner(self.net, cache_obj, cfg, plan, graphs,
+                                      run=self.tp_driver.run if self.tp_driver is not None else None)
             self.scheduler = Scheduler(max_batch, cache_obj, plan)
         self._requests: dict[str, Request] = {}
         self.steps = 0

@@ -39,8 +39,11 @@ def window_left_context(canvas: torch.Tensor, start: int, end: int, mask_id: int
 
 class ModelRunner:
     def __init__(self, net: Transformer, cache: PagedKVCache | None, cfg, plan: DecodePlan,
-                 graphs: GraphedForward | None = None, pack: bool = True):
+                 graphs: GraphedForward | None = None, pack: bool = True, run=None):
         self.net, self.cache, self.cfg, self.plan, self.graphs = net, cache, cfg, plan, graphs
+        # run(net, cache, inputs) -> logits: the eager forward (a tensor-parallel driver sends the
+        # inputs to the other ranks first: engine/tensor_parallel.py)
+        self.run = run or run_net
         # pack: eager forwards skip the padding in every matmul (Transformer.forward's `packed`).
         # Graphed steps keep their static padded shapes.
         self.pack = pack
@@ -65,7 +68,7 @@ class ModelRunner:
             x, valid = self.build(canvases, windows, tables, rows=rows, T=T, A=T, S=S, pack=False, scratch=scratch)
             return g(x)[:B, :A], valid[:B, :A]
         x, valid = self.build(canvases, windows, tables, scratch=scratch)
-        return run_net(self.net, self.cache, x.to(self.device)), valid
+        return self.run(self.net, self.cache, x.to(self.device)), valid
 
     def build(self, canvases: list[torch.Tensor], windows: list[Window], tables: list[list[int]], *,
               rows: int | None = None, T: int | None = None, A: int | None = None, S: int | None = None,

@@ -47,18 +47,29 @@ def pick_device(device: str) -> str:
 
 
 def serve(model_path=None, host: str = "127.0.0.1", port: int = 8000, *, cfg=None, engine_options=None,
-          device: str = "auto") -> None:
-    """Load the model, bind, and serve until SIGINT/SIGTERM; then stop accepting and drain."""
+          device: str = "auto", tensor_parallel: int = 1) -> None:
+    """Load the model, bind, and serve until SIGINT/SIGTERM; then stop accepting and drain.
+
+    tensor_parallel > 1: this process is one rank of a torchrun job of that many ranks
+    (engine/tensor_parallel.py); rank 0 serves HTTP and drives the others' forwards."""
     from ..engine import Engine
     from ..pretrained import load
     from .app import ServerConfig, create_app
 
     logging.basicConfig(level=logging.INFO, format="%(levelname)s:     %(message)s")
     cfg = cfg or ServerConfig()
+    if tensor_parallel > 1:
+        return _serve_tensor_parallel(model_path, host, port, cfg, engine_options or {}, device, tensor_parallel)
     device = pick_device(device)
     sock = bind(host, port)
     model = load(model_path, device=device)
     engine = Engine(model, max_batch=cfg.max_batch, **(engine_options or {}))
+    _run_app(model, cfg, engine, sock, host)
+
+
+def _run_app(model, cfg, engine, sock, host) -> None:
+    from .app import create_app
+
     cfg.url = url_of(sock)
     if host not in ("127.0.0.1", "localhost", "::1") and not cfg.api_key:
         logging.getLogger("unmask.server").warning("listening on %s without an API key; anyone who can reach "
@@ -67,6 +78,90 @@ def serve(model_path=None, host: str = "127.0.0.1", port: int = 8000, *, cfg=Non
     config = uvicorn.Config(app, log_level="info", timeout_graceful_shutdown=int(cfg.request_timeout) + 5,
                             access_log=True)
     uvicorn.Server(config).run(sockets=[sock])
+
+
+def spawn_ranks(n: int, argv: list[str]) -> int:
+    """Run `argv` as the n ranks of a one-machine job (the environment torchrun would give them) and
+    wait. SIGINT/SIGTERM go to rank 0 alone: it drains its requests and then releases the others.
+    Returns the first non-zero exit code, or 0."""
+    import os
+    import signal
+    import subprocess
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    base = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "WORLD_SIZE": str(n),
+            "LOCAL_WORLD_SIZE": str(n)}
+    procs = [subprocess.Popen(argv, env={**base, "RANK": str(r), "LOCAL_RANK": str(r)},
+                              start_new_session=r > 0) for r in range(n)]  # a terminal's Ctrl-C reaches rank 0 only
+    forward = lambda sig, _frame: procs[0].send_signal(sig)  # noqa: E731
+    old = {sig: signal.signal(sig, forward) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        codes = [p.wait() for p in procs[:1]]
+        for p in procs[1:]:
+            try:
+                codes.append(p.wait(timeout=60))
+            except subprocess.TimeoutExpired:
+                p.kill()
+                codes.append(p.wait())
+    finally:
+        for sig, h in old.items():
+            signal.signal(sig, h)
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+    return next((c for c in codes if c), 0)
+
+
+def _serve_tensor_parallel(model_path, host, port, cfg, engine_options, device, n: int) -> None:
+    """One rank of `unmask serve --tensor-parallel n` under torchrun."""
+    from ..engine import Engine, tensor_parallel
+    from ..pretrained import load
+    from ..train import distributed
+
+    d = distributed.init()
+    try:
+        if d.world != n:
+            raise UserError(f"--tensor-parallel {n} but torchrun started {d.world} ranks; make them equal "
+                            f"(torchrun --nproc-per-node {n} ...) or leave torchrun out and let unmask start them")
+        if device not in ("auto", str(d.device)) and not (device == "cuda" and d.device.type == "cuda"):
+            raise UserError(f"--device {device}: under --tensor-parallel each rank uses its own device "
+                            f"({d.device} here); leave --device out")
+        unsupported = [k for k in ("quantize", "compile", "cuda_graphs") if engine_options.get(k)]
+        if engine_options.get("backend", "torch") != "torch":
+            unsupported.append("backend")
+        if unsupported:
+            raise UserError(f"--tensor-parallel runs the plain torch forward: drop --{unsupported[0].replace('_', '-')}")
+        sock, err = None, None
+        if d.main:
+            try:
+                sock = bind(host, port)
+            except UserError as e:
+                err = e
+        if tensor_parallel.share(int(err is not None), d.device):  # every rank stops if rank 0 cannot bind
+            if err is not None:
+                raise err
+            raise SystemExit(2)
+        model = load(model_path, device="cpu")  # memory-mapped; each rank keeps only its shard on its device
+        tensor_parallel.shard(model.net, n, d.device)
+        if not d.main:
+            tensor_parallel.worker(model)
+            model = None
+            return
+        try:
+            engine = Engine(model, max_batch=cfg.max_batch, **engine_options)
+        except BaseException:
+            tensor_parallel.Driver.fail(d.device)  # the workers wait for the engine: let them go
+            raise
+        logging.getLogger("unmask.server").info("tensor parallel over %d ranks (%s)", n, d.device.type)
+        try:
+            _run_app(model, cfg, engine, sock, host)
+        finally:
+            engine.core.tp_driver.stop()
+            model = engine = None
+    finally:
+        distributed.leave()
 
 
 class LiveServer:

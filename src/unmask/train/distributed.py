@@ -57,3 +57,15 @@ def init() -> Dist:
 def shutdown() -> None:
     if dist.is_initialized():
         dist.destroy_process_group()
+
+
+def leave() -> None:
+    """Leave the process group once every rank is here. Callers drop what holds the group first (DDP /
+    FSDP wrappers, tensor-parallel modules): one outliving it aborted a gloo rank at exit ("terminate
+    called without an active exception")."""
+    import gc
+
+    if dist.is_initialized():
+        dist.barrier()
+    gc.collect()
+    shutdown()

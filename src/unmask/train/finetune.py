@@ -297,14 +297,7 @@ def finetune(model_dir: str | Path | None, data: str | Path, out: str | Path, cf
 
 
 def _shutdown(d) -> None:
-    """Leave the process group once every rank is here. The callers drop their DDP / FSDP wrappers
-    first: a wrapper outliving its group aborted a gloo rank at exit ("terminate called without an
-    active exception")."""
-    import gc
-
-    d.barrier()
-    gc.collect()
-    distributed.shutdown()
+    distributed.leave()  # the callers dropped their DDP / FSDP wrappers first
 
 
 def _card(model, data, cfg: FinetuneConfig, s: dict) -> str:
