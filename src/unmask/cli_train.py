@@ -19,7 +19,8 @@ _positive_int = positive_int
 def cmd_train(a) -> None:
     from .train import train
 
-    final = train(a.config, a.out, max_steps=a.max_steps, resume=a.resume, time_limit=a.time_limit)
+    final = train(a.config, a.out, max_steps=a.max_steps, resume=a.resume, time_limit=a.time_limit,
+                  parallel_mode=a.parallel)
     print(f"model written to {final}")
 
 
@@ -97,6 +98,9 @@ def add_training_commands(sub) -> None:
     tr.add_argument("--time-limit", type=float, default=None, metavar="SECONDS",
                     help="stop cleanly after this many seconds: checkpoint + export to OUT/partial; "
                          "continue with --resume")
+    tr.add_argument("--parallel", choices=("auto", "ddp", "fsdp"), default=None,
+                    help="under torchrun: ddp (replicas) or fsdp (FSDP2 sharding); default: the config's "
+                         "train.parallel (auto: ddp with several ranks)")
     tr.set_defaults(func=cmd_train)
 
     ft = sub.add_parser("finetune", help="supervised fine-tuning (all weights, or LoRA) on a JSONL of examples",

@@ -269,6 +269,10 @@ class LoopConfig(Strict):
     # Fine-tune: start from this model directory's weights (its architecture must equal [model]);
     # the optimizer, schedule and step count start afresh. "" trains from scratch.
     init_from: str = ""
+    # Under torchrun: "ddp" (replicas) or "fsdp" (FSDP2: parameters, gradients and optimizer state
+    # sharded); "auto" = ddp with several ranks (train/parallel.py). `unmask train --parallel` overrides.
+    parallel: Literal["auto", "ddp", "fsdp"] = "auto"
+    activation_checkpointing: bool = False  # recompute each block's activations in the backward pass
 
 
 class FinetuneConfig(Strict):

@@ -107,7 +107,8 @@ def load_checkpoint(path: Path, model: torch.nn.Module, opt: torch.optim.Optimiz
 
 
 def save_full_checkpoint(root: Path, step: int, model_state: dict[str, torch.Tensor], optim_state: dict,
-                         param_groups: list, extra: dict, keep: int = 2) -> Path:
+                         param_groups: list, extra: dict, keep: int = 2,
+                         ema_state: dict[str, torch.Tensor] | None = None) -> Path:
     """A checkpoint of full (gathered) state keyed by parameter name (train/parallel.py: written by
     rank 0 whatever the number of ranks, so it resumes on any): model.safetensors, optimizer.safetensors
     ("<name>/<exp_avg|exp_avg_sq|step>"), trainer.json. Atomic like `save_checkpoint`."""
@@ -123,6 +124,8 @@ def save_full_checkpoint(root: Path, step: int, model_state: dict[str, torch.Ten
                    for name, st in optim_state.items() for k, v in st.items()}
         tensors["rng.torch"] = torch.get_rng_state()
         save_file(tensors, tmp / "optimizer.safetensors")
+        if ema_state is not None:
+            save_file(ema_state, tmp / "ema.safetensors")
         (tmp / "trainer.json").write_text(json.dumps({"step": step, "param_groups": param_groups, **extra}, indent=2))
 
     return _commit(root, step, keep, write)

@@ -44,6 +44,52 @@ def parallelize(net: nn.Module, mode: str, world: int, device: torch.device, act
     return net
 
 
+def resolve(mode: str, world: int) -> str:
+    """"auto" -> ddp with several ranks, a plain single process otherwise."""
+    return mode if mode != "auto" else ("ddp" if world > 1 else "none")
+
+
+def sync_gradients(run: nn.Module, sync: bool):
+    """A context in which backward() does (sync) or does not (an accumulation micro-batch that is not
+    the last) reduce gradients over the ranks: DDP's no_sync, FSDP2's set_requires_gradient_sync."""
+    import contextlib
+
+    if sync:
+        return contextlib.nullcontext()
+    if hasattr(run, "no_sync"):
+        return run.no_sync()
+    if hasattr(run, "set_requires_gradient_sync"):
+        @contextlib.contextmanager
+        def off():
+            run.set_requires_gradient_sync(False)
+            try:
+                yield
+            finally:
+                run.set_requires_gradient_sync(True)
+        return off()
+    return contextlib.nullcontext()
+
+
+def gather_model(net: nn.Module, build, main: bool):
+    """`net` itself, or for an FSDP-sharded one a plain copy with the full weights (a collective:
+    every rank calls it; ranks other than the main one get None). build() -> a fresh plain module."""
+    if not is_sharded(net):
+        return net
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    full = get_model_state_dict(net, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    if not main:
+        return None
+    plain = build()
+    plain.load_state_dict(full, strict=False)
+    return plain
+
+
+def scalar(t: torch.Tensor) -> float:
+    """A float of a tensor that may be a DTensor (FSDP's gradient norm)."""
+    return float(t.full_tensor() if hasattr(t, "full_tensor") else t)
+
+
 def _checkpoint_blocks(net: nn.Module) -> None:
     """Recompute each block's activations in the backward pass instead of keeping them."""
     from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper

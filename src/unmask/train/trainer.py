@@ -1,5 +1,6 @@
 """The training loop: AdamW with warmup + cosine decay, clipping, accumulation, periodic held-out
-bits per byte, JSONL log, atomic checkpoints and exact resume, single process or torchrun/DDP."""
+bits per byte, JSONL log, atomic checkpoints and exact resume (on any number of ranks), single
+process or under torchrun with DDP or FSDP2 (train/parallel.py)."""
 from __future__ import annotations
 
 import contextlib
@@ -10,7 +11,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
 from ..config import ModelConfig, TrainConfig, atomic_write_text, load_train_config
@@ -18,9 +18,9 @@ from ..diffusion import compute_loss, get_schedule
 from ..errors import UserError
 from ..eval.bpb import bits_per_byte
 from ..model import Transformer
-from . import distributed
+from . import distributed, parallel
 from .batches import FimSpec, global_batch
-from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from .checkpoint import latest_checkpoint, load_checkpoint, load_full_checkpoint, save_full_checkpoint
 from .ema import EMA
 from .flops import flops_per_token, peak_flops
 
@@ -92,7 +92,7 @@ def _split_sizes(cfg: TrainConfig, world: int) -> tuple[int, int]:
 
 
 def train(config: str | Path, out: str | Path, max_steps: int | None = None, resume: bool = False,
-          time_limit: float | None = None) -> Path:
+          time_limit: float | None = None, parallel_mode: str | None = None) -> Path:
     """Train from a config. With `time_limit` (seconds of this process), the run stops cleanly after
     the first step past the limit: a checkpoint for --resume and, in `out/partial`, an export of the
     weights so far (the EMA when there is one: it stands in for the learning-rate decay not yet run).
@@ -104,6 +104,8 @@ def train(config: str | Path, out: str | Path, max_steps: int | None = None, res
     cfg = load_train_config(config)
     if max_steps is not None:
         cfg.train.max_steps = max_steps
+    if parallel_mode is not None:
+        cfg.train.parallel = parallel_mode
     out = Path(out)
     ckpt_root = out / "checkpoints"
     if not resume and latest_checkpoint(ckpt_root) is not None:
@@ -128,19 +130,24 @@ def train(config: str | Path, out: str | Path, max_steps: int | None = None, res
     micro, accum = _split_sizes(cfg, d.world)
 
     fim = fim_spec(cfg, tok)
+    mode = parallel.resolve(cfg.train.parallel, d.world)
+    if mode == "fsdp" and cfg.train.ema:
+        raise UserError(f"{config}: train.ema does not combine with FSDP (the average would need its own "
+                        "sharding); use --parallel ddp, or set train.ema = 0")
     torch.manual_seed(cfg.train.seed)
     net = Transformer(mcfg).to(d.device)
     ck = latest_checkpoint(ckpt_root) if resume else None
     if cfg.train.init_from and ck is None:  # a resumed fine-tune continues from its checkpoint
         init_weights(net, Path(cfg.train.init_from), config, tok)
+    # DDP or FSDP2 applied from outside the model (train/parallel.py); `net` stays the module whose
+    # parameters the optimizer steps (FSDP shards them in place)
+    model = parallel.parallelize(net, mode, d.world, d.device, cfg.train.activation_checkpointing)
     opt = make_optimizer(net, cfg)
     ema = EMA(net, cfg.train.ema) if cfg.train.ema > 0 else None
-    start = 0
-    if ck is not None:
-        start = load_checkpoint(ck, net, opt, ema)["step"]
-    model = DDP(net) if d.world > 1 else net
+    start = _restore(ck, net, opt, ema) if ck is not None else 0
     if cfg.train.compile:
         model = torch.compile(model)
+    sharded = parallel.is_sharded(net)
     schedule = get_schedule(cfg.diffusion.schedule)
     bpt = meta["splits"]["val"]["bytes"] / meta["splits"]["val"]["tokens"]
     log_path = out / "log.jsonl"
@@ -149,6 +156,7 @@ def train(config: str | Path, out: str | Path, max_steps: int | None = None, res
         atomic_write_text(out / "config.json", json.dumps(cfg.model_dump(), indent=2))
         _truncate_log(log_path, start)
     bf16 = cfg.train.precision == "bf16" or (cfg.train.precision == "auto" and d.device.type == "cuda")
+    bf16 = bf16 and not (sharded and d.device.type == "cuda")  # FSDP's own bf16 mixed-precision policy instead
     autocast = torch.autocast(d.device.type, dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
     tokens_per_step = cfg.train.batch_size * cfg.data.seq_len
     # matmul parameters: the body and the output head; input lookups (embeddings) cost no FLOPs
@@ -172,7 +180,7 @@ def train(config: str | Path, out: str | Path, max_steps: int | None = None, res
             lo = (d.rank * accum + a) * micro
             sl = slice(lo, lo + micro)
             sync = a == accum - 1 or d.world == 1
-            with (contextlib.nullcontext() if sync else model.no_sync()), autocast:
+            with parallel.sync_gradients(model, sync), autocast:
                 res = compute_loss(mcfg.objective, model, x0[sl].to(d.device),
                                    None if noise is None else noise[sl].to(d.device),
                                    schedule, mcfg.mask_token_id, mcfg.block_size,
@@ -194,7 +202,7 @@ def train(config: str | Path, out: str | Path, max_steps: int | None = None, res
         if done % cfg.train.log_interval == 0 or done == cfg.train.max_steps:
             now = time.perf_counter()
             tps = tokens_since / (now - t_last)
-            record = {"step": done, "loss": loss, "lr": lr, "grad_norm": float(grad_norm),
+            record = {"step": done, "loss": loss, "lr": lr, "grad_norm": parallel.scalar(grad_norm),
                       "tokens": done * tokens_per_step, "tok_per_s": tps, "flops_per_token": fpt,
                       "achieved_tflops": tps * fpt / 1e12}
             if peak:
@@ -202,8 +210,9 @@ def train(config: str | Path, out: str | Path, max_steps: int | None = None, res
             t_last, tokens_since = now, 0
             bar.set_postfix(loss=f"{loss:.3f}")
         if done % cfg.train.eval_interval == 0 or done == cfg.train.max_steps:
+            ev = evaluate() if sharded else None  # every rank takes part in a sharded forward
             if d.main:
-                ev = evaluate()
+                ev = ev or evaluate()
                 record = {**(record or {"step": done}), "eval_bpb": ev["bpb"], "eval_nats_per_token": ev["nats_per_token"]}
                 msg = f"step {done}: held-out {ev['bpb']:.4f} bits/byte"
                 if ema is not None:
@@ -218,27 +227,70 @@ def train(config: str | Path, out: str | Path, max_steps: int | None = None, res
                 f.write(json.dumps(record) + "\n")
         out_of_time = time_limit is not None and d.any_true(time.perf_counter() - t_start > time_limit)
         if done % cfg.train.ckpt_interval == 0 or done == cfg.train.max_steps or out_of_time:
-            if d.main:
-                save_checkpoint(ckpt_root, done, net, opt, {"tokens": done * tokens_per_step, "world": d.world},
-                                ema_state=None if ema is None else ema.state_dict())
-            d.barrier()
+            _save(ckpt_root, done, net, opt, ema, {"tokens": done * tokens_per_step, "world": d.world}, d)
         if out_of_time and done < cfg.train.max_steps:
             bar.close()
+            plain = parallel.gather_model(net, lambda: Transformer(mcfg), d.main)
             if d.main:
-                _export(net, tok, cfg, out / "partial", ema)
+                _export(plain, tok, cfg, out / "partial", ema)
                 bar.write(f"time limit: stopped after step {done} of {cfg.train.max_steps}; "
                           f"continue with --resume (partial export in {out / 'partial'})")
-            distributed.shutdown()
+            model = net = plain = None  # noqa: F841  (the wrappers go before the process group)
+            distributed.leave()
             return out / "partial"
     bar.close()
+    plain = parallel.gather_model(net, lambda: Transformer(mcfg), d.main)
     if d.main:
+        net = plain
         # Ship the average only when it measures better on held-out code.
         better = ema is not None and record and record.get("eval_bpb_ema", float("inf")) < record.get("eval_bpb", 0)
         _export(net, tok, cfg, out / "final", ema if better else None)
         if better:
             bar.write("exported the EMA weights (lower held-out bits/byte)")
-    distributed.shutdown()
+    model = net = plain = None  # noqa: F841
+    distributed.leave()
     return out / "final"
+
+
+def _save(root: Path, step: int, net, opt, ema, extra: dict, d) -> None:
+    """A checkpoint of the full state (train/parallel.py: gathered from every rank, written by the
+    main one), so a run resumes on any number of ranks, with or without FSDP."""
+    model_state, optim = parallel.full_state(net, opt)
+    if d.main:
+        groups = [{k: v for k, v in g.items() if k != "params"} for g in opt.param_groups]
+        save_full_checkpoint(root, step, model_state, optim, groups, extra,
+                             ema_state=None if ema is None else ema.state_dict())
+    d.barrier()
+
+
+def _restore(ck: Path, net, opt, ema) -> int:
+    """Load checkpoint `ck` into the (possibly sharded) model, optimizer and EMA; the step it was at."""
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
+    from safetensors.torch import load_file
+
+    if "optimizer" in json.loads((ck / "trainer.json").read_text()):  # the parameter-id format of earlier versions
+        if parallel.is_sharded(net):
+            raise UserError(f"{ck}: a checkpoint of an earlier unmask (optimizer state by parameter id), which "
+                            "FSDP cannot load; resume it on one process or with --parallel ddp")
+        return load_checkpoint(ck, net, opt, ema)["step"]
+    model_state, optim, meta = load_full_checkpoint(ck)
+    want = {k: tuple(v.shape) for k, v in net.state_dict().items()}
+    got = {k: tuple(v.shape) for k, v in model_state.items()}
+    extra = sorted(set(got) - set(want))
+    bad = sorted(k for k in want if k != "lm_head.weight" and got.get(k) != want[k])
+    if extra or bad:
+        k = (bad or extra)[0]
+        raise UserError(f"{ck}: checkpoint does not match the model in the config ({k}: {got.get(k)} in the "
+                        f"checkpoint, {want.get(k)} in the config); resume with the config it was trained with")
+    names = get_optimizer_state_dict(net, opt)["param_groups"]  # each group's parameter names
+    groups = [{**g, "params": n["params"]} for g, n in zip(meta["param_groups"], names)]
+    parallel.load_full_state(net, opt, model_state, optim, groups)
+    if ema is not None:
+        if not (ck / "ema.safetensors").exists():
+            raise UserError(f"{ck}: has no EMA state but the config sets train.ema; resume with the config it "
+                            "was trained with")
+        ema.load_state_dict(load_file(ck / "ema.safetensors"))
+    return meta["step"]
 
 
 def _truncate_log(path: Path, step: int) -> None:
