@@ -51,7 +51,7 @@ def assert_same_weights(d, a, b, atol=1e-5):
 
 @pytest.mark.parametrize("lora", [False, True])
 def test_ddp_and_fsdp_equal_one_process(setup, lora):
-    d, extra = setup, ["--lora"] if lora else []
+    d, extra = setup, ["--lora", "--save-adapter"] if lora else []
     one = f"one{int(lora)}"
     finetune(d, one, *extra)
     for mode in ("ddp", "fsdp"):
@@ -60,6 +60,11 @@ def test_ddp_and_fsdp_equal_one_process(setup, lora):
         assert len(printed) == 1  # rank 0 reports for both
         assert history(d, out) == pytest.approx(history(d, one), rel=1e-5, abs=1e-6)
         assert_same_weights(d, one, out)
+        if lora:  # the adapters alone, gathered from the shards like the merged weights
+            a, b = (load_file(d / x / "adapter" / "adapter_model.safetensors") for x in (one, out))
+            assert a.keys() == b.keys() and len(a) == 2 * 7 * 2  # A and B of 7 layers in 2 blocks
+            for k in a:
+                torch.testing.assert_close(a[k], b[k], rtol=0, atol=1e-5, msg=k)
 
 
 def test_stopped_runs_resume_on_the_same_and_another_world_size(setup):

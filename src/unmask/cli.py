@@ -31,7 +31,7 @@ LOOKAHEAD_HELP = ("block models: do not run the next block's first step on a gue
 def cmd_generate(a) -> None:
     from .pretrained import load
 
-    model = load(a.model)
+    model = load(a.model, adapter=a.adapter)
     prompt = a.prompt if a.prompt != "-" else sys.stdin.read()
     if a.reference:
         if a.json_schema is not None or a.json_object or a.regex is not None or a.choice or a.grammar is not None:
@@ -79,6 +79,10 @@ def cmd_generate(a) -> None:
           file=sys.stderr)
 
 
+ADAPTER_HELP = ("a LoRA adapter directory (unmask finetune --lora --save-adapter: OUT/adapter) merged into --model "
+                "at load; refused when it was trained on another base")
+
+
 def cmd_serve(a) -> None:
     from .server import ServerConfig, serve
 
@@ -102,7 +106,7 @@ def cmd_serve(a) -> None:
         raise SystemExit(spawn_ranks(a.tensor_parallel, [sys.executable, "-m", "unmask", *sys.argv[1:]]))
     serve(a.model, a.host, a.port, cfg=cfg,
           engine_options=dict(quantize=a.quantize, cache=a.cache, lookahead=a.lookahead, backend=a.backend),
-          device=a.device, tensor_parallel=a.tensor_parallel)
+          device=a.device, tensor_parallel=a.tensor_parallel, adapter=a.adapter)
 
 
 def cmd_eval_bpb(a) -> None:
@@ -273,6 +277,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--backend", default="torch", choices=("torch", "llama.cpp"), help=BACKEND_HELP)
     g.add_argument("--cache", default="auto", help="KV cache: auto, exact, prefix, dual or none")
     g.add_argument("--no-lookahead", dest="lookahead", action="store_false", help=LOOKAHEAD_HELP)
+    g.add_argument("--adapter", default=None, metavar="DIR", help=ADAPTER_HELP)
     g.add_argument("--reference", action="store_true", help="use the slow reference sampler instead of the engine")
     g.add_argument("--json", action="store_true", help="print one JSON object")
     structured_arguments(g)
@@ -294,6 +299,7 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--cache", default="auto", help="KV cache: auto, exact, prefix, dual or none")
     sv.add_argument("--no-lookahead", dest="lookahead", action="store_false", help=LOOKAHEAD_HELP)
     sv.add_argument("--device", default="auto", help="cpu, cuda, cuda:N, or auto (CUDA when available)")
+    sv.add_argument("--adapter", default=None, metavar="DIR", help=ADAPTER_HELP)
     sv.add_argument("--tensor-parallel", type=_positive_int, default=1, metavar="N",
                     help="split each layer's heads and MLP over N ranks (N GPUs; a model too big for one): "
                          "under torchrun with N ranks, or unmask starts them on this machine")

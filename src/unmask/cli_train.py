@@ -36,7 +36,8 @@ def cmd_finetune(a) -> None:
                   noise_samples=a.noise_samples)
     cfg = parse(FinetuneConfig, {k: v for k, v in fields.items() if v is not None}, "unmask finetune")
     summary = finetune(a.model, a.data, a.out, cfg, device=pick_device(a.device),
-                       log=(lambda *_: None) if a.json else print, resume=a.resume, time_limit=a.time_limit)
+                       log=(lambda *_: None) if a.json else print, resume=a.resume, time_limit=a.time_limit,
+                       save_adapter=a.save_adapter)
     if summary.get("rank", 0) != 0:  # rank 0 reports for every rank
         return
     if a.json:
@@ -111,6 +112,9 @@ def add_training_commands(sub) -> None:
     ft.add_argument("--data", required=True, help="JSONL file of examples")
     ft.add_argument("--out", required=True, help="where to write the fine-tuned model (a new directory)")
     ft.add_argument("--lora", action="store_true", help="train LoRA adapters (merged into the saved weights)")
+    ft.add_argument("--save-adapter", action="store_true",
+                    help="with --lora: also write the adapters alone to OUT/adapter (load them onto the same "
+                         "base with --adapter)")
     ft.add_argument("--lora-rank", type=_positive_int, default=None, help="adapter rank (default 8)")
     ft.add_argument("--lora-alpha", type=float, default=None, help="adapter scale numerator (default 16)")
     ft.add_argument("--epochs", type=float, default=None, help="passes over the examples (default 3)")

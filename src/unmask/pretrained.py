@@ -68,13 +68,14 @@ class Pretrained:
 
 
 def load(path: str | os.PathLike | None = None, device: str | torch.device = "cpu",
-         dtype: torch.dtype = torch.float32) -> Pretrained:
+         dtype: torch.dtype = torch.float32, adapter: str | os.PathLike | None = None) -> Pretrained:
     """Load a checkpoint directory: our layout, or any registered family's Hugging Face layout
     (`unmask.families`: LLaDA, Dream, SDAR, LLaDA2 MoE, Fast-dLLM v2, Llama, Qwen2, Qwen3),
     dispatched on config.json's `model_type`; or a GGUF file (a `.gguf` path, or a directory holding
     one .gguf and no config.json: `unmask.families.gguf.load_gguf`). None loads the embedded default
     model. Tensors are read lazily (memory-mapped, one at a time) straight into `dtype` on `device`;
-    nothing in the directory is ever executed."""
+    nothing in the directory is ever executed. adapter: a LoRA adapter directory (`unmask finetune
+    --lora --save-adapter`) merged into the weights; one trained on another base is refused."""
     from .families import load_network
 
     path = Path(path) if path is not None else default_model_dir()
@@ -82,9 +83,15 @@ def load(path: str | os.PathLike | None = None, device: str | torch.device = "cp
     gguf_file = find_gguf(path)  # a .gguf file, or a directory holding one .gguf and no config.json
     if gguf_file is not None:
         from .families.gguf import load_gguf
+        if adapter is not None:
+            raise UserError(f"--adapter applies to a checkpoint directory, not to the GGUF file {gguf_file}; "
+                            "merge it first (unmask finetune writes the merged model beside the adapter)")
         net, cfg, spec, tok, _ = load_gguf(gguf_file, device=device, dtype=dtype)
         return Pretrained(net.eval(), tok, cfg, spec.generation_for(cfg), path, spec)
     net, cfg, spec, raw = load_network(path, device=device, dtype=dtype)
+    if adapter is not None:
+        from .train.lora import load_adapter
+        load_adapter(net, adapter, base_name=str(path))
     family, tok, gen = conventions(path, cfg, spec)
     from .sampling.commit_rule import CommitRule
     return Pretrained(net.eval(), tok, cfg, gen, path, family, CommitRule.load(path))

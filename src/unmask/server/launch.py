@@ -47,7 +47,7 @@ def pick_device(device: str) -> str:
 
 
 def serve(model_path=None, host: str = "127.0.0.1", port: int = 8000, *, cfg=None, engine_options=None,
-          device: str = "auto", tensor_parallel: int = 1) -> None:
+          device: str = "auto", tensor_parallel: int = 1, adapter=None) -> None:
     """Load the model, bind, and serve until SIGINT/SIGTERM; then stop accepting and drain.
 
     tensor_parallel > 1: this process is one rank of a torchrun job of that many ranks
@@ -59,10 +59,11 @@ def serve(model_path=None, host: str = "127.0.0.1", port: int = 8000, *, cfg=Non
     logging.basicConfig(level=logging.INFO, format="%(levelname)s:     %(message)s")
     cfg = cfg or ServerConfig()
     if tensor_parallel > 1:
-        return _serve_tensor_parallel(model_path, host, port, cfg, engine_options or {}, device, tensor_parallel)
+        return _serve_tensor_parallel(model_path, host, port, cfg, engine_options or {}, device, tensor_parallel,
+                                      adapter)
     device = pick_device(device)
     sock = bind(host, port)
-    model = load(model_path, device=device)
+    model = load(model_path, device=device, adapter=adapter)
     engine = Engine(model, max_batch=cfg.max_batch, **(engine_options or {}))
     _run_app(model, cfg, engine, sock, host)
 
@@ -114,7 +115,7 @@ def spawn_ranks(n: int, argv: list[str]) -> int:
     return next((c for c in codes if c), 0)
 
 
-def _serve_tensor_parallel(model_path, host, port, cfg, engine_options, device, n: int) -> None:
+def _serve_tensor_parallel(model_path, host, port, cfg, engine_options, device, n: int, adapter=None) -> None:
     """One rank of `unmask serve --tensor-parallel n` under torchrun."""
     from ..engine import Engine, tensor_parallel
     from ..pretrained import load
@@ -143,7 +144,7 @@ def _serve_tensor_parallel(model_path, host, port, cfg, engine_options, device, 
             if err is not None:
                 raise err
             raise SystemExit(2)
-        model = load(model_path, device="cpu")  # memory-mapped; each rank keeps only its shard on its device
+        model = load(model_path, device="cpu", adapter=adapter)  # memory-mapped; each rank keeps only its shard on its device
         tensor_parallel.shard(model.net, n, d.device)
         if not d.main:
             tensor_parallel.worker(model)

@@ -22,6 +22,7 @@ from ..diffusion import compute_loss, draw_noise, get_schedule
 from ..diffusion.losses import LossOutput
 from . import distributed, parallel
 from ..errors import UserError
+from . import lora
 from .lora import add_lora, merge_lora
 from .sft_data import Example, collate, load_examples
 
@@ -196,9 +197,12 @@ def optimize(net, params, train: list[Example], cfg: FinetuneConfig, steps: int,
 
 
 def finetune(model_dir: str | Path | None, data: str | Path, out: str | Path, cfg: FinetuneConfig,
-             device: str = "cpu", log=print, resume: bool = False, time_limit: float | None = None) -> dict:
+             device: str = "cpu", log=print, resume: bool = False, time_limit: float | None = None,
+             save_adapter: bool = False) -> dict:
     """The model is written to `out`; its checkpoints go to `out/checkpoints` while it trains (and
-    are removed once the model is saved). resume: continue the fine-tune whose checkpoints are there."""
+    are removed once the model is saved). resume: continue the fine-tune whose checkpoints are there.
+    save_adapter (LoRA): also the adapters alone in `out/adapter`, loadable onto the same base only
+    (`unmask.load(base, adapter=out/"adapter")`)."""
     import hashlib
     import shutil
 
@@ -211,6 +215,8 @@ def finetune(model_dir: str | Path | None, data: str | Path, out: str | Path, cf
     if not resume and out.exists() and any(out.iterdir()):
         raise UserError(f"{out}: already exists and is not empty; choose another --out"
                         + (" (or --resume: it holds checkpoints)" if (ckpt_root / "latest").exists() else ""))
+    if save_adapter and not cfg.lora:
+        raise UserError("--save-adapter exports LoRA adapters; add --lora (an all-weights fine-tune has none)")
     d = distributed.init()  # torchrun: one process per rank (train/parallel.py applies DDP or FSDP)
     mode = cfg.parallel if cfg.parallel != "auto" else ("ddp" if d.world > 1 else "none")
     if d.world > 1:
@@ -233,6 +239,7 @@ def finetune(model_dir: str | Path | None, data: str | Path, out: str | Path, cf
     steps = max(1, math.ceil(cfg.epochs * len(train) / cfg.batch_size))
 
     torch.manual_seed(cfg.seed)
+    base_print = lora.base_fingerprint(net) if save_adapter else None
     if cfg.lora:
         params = add_lora(net, cfg.lora_targets, cfg.lora_rank, cfg.lora_alpha, cfg.lora_dropout)
     else:
@@ -278,6 +285,7 @@ def finetune(model_dir: str | Path | None, data: str | Path, out: str | Path, cf
         model = net = run = params = None  # noqa: F841
         _shutdown(d)
         return {"steps": steps, "history": history, "rank": d.rank}
+    adapter = lora.adapter_state(net) if save_adapter else None
     merged = merge_lora(net) if cfg.lora else 0
     net.eval()
     summary = {"model": str(model.path), "data": str(data), "examples": len(examples), "skipped_long": skipped,
@@ -286,6 +294,10 @@ def finetune(model_dir: str | Path | None, data: str | Path, out: str | Path, cf
                "held_out_loss_before": before, "held_out_loss_after": after, "seconds": seconds,
                "lora_layers_merged": merged, "config": cfg.model_dump(), "history": history}
     save(model, out, card=_card(model, data, cfg, summary), dtype=torch.float32)
+    if adapter is not None:
+        lora.save_adapter(adapter, out / "adapter", base=str(model.path), fingerprint=base_print,
+                          rank=cfg.lora_rank, alpha=cfg.lora_alpha, targets=cfg.lora_targets)
+        summary["adapter"] = str(out / "adapter")
     atomic_write_text(out / "finetune.json", json.dumps(summary, indent=1) + "\n")
     shutil.rmtree(ckpt_root, ignore_errors=True)  # the model is saved: nothing left to resume
     if after is not None:
