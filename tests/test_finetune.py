@@ -84,6 +84,12 @@ def test_bad_lines_name_file_and_line(tok, tmp_path):
     p.write_text('{"prompt": "a", "completion": "b"}\n{oops\n')
     with pytest.raises(UserError, match=rf"{p}:2: not valid JSON"):
         load_examples(m, p, 64)[0]
+    p.write_text('{"prompt": "a", "completion": "b"}\n{"prompt": "a", "completion": " "}\n')
+    with pytest.raises(UserError, match=rf"{p}:2: 'completion' is empty; give the answer to learn, or drop the line"):
+        load_examples(m, p, 64)[0]
+    p.write_text(json.dumps({"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": ""}]}))
+    with pytest.raises(UserError, match=rf"{p}:1: the assistant turn's content is empty"):
+        load_examples(m, p, 64)[0]
     p.write_text('{"question": "a"}\n')
     with pytest.raises(UserError, match=rf"{p}:1: unrecognised keys \['question'\]"):
         load_examples(m, p, 64)[0]

@@ -53,7 +53,7 @@ def encode_example(model, rec, where: str) -> tuple[list[int], list[int]]:
     keys = set(rec)
     if keys == {"text"}:
         return [], tok.encode(_str(rec, "text", where), allow_special=False) + [tok.eos_id]
-    if keys == {"prefix", "suffix", "middle"}:
+    if keys == {"prefix", "suffix", "middle"}:  # an empty middle is allowed: it teaches inserting nothing
         prefix, ws = split_trailing_whitespace(_str(rec, "prefix", where), ASCII_WHITESPACE)
         head, _ = layout_prompt(model, prefix, _str(rec, "suffix", where))
         return head, tok.encode(ws + _str(rec, "middle", where), allow_special=False) + [tok.eos_id]
@@ -72,6 +72,9 @@ def encode_example(model, rec, where: str) -> tuple[list[int], list[int]]:
                 return _edit_example(model, prompt[0]["content"], answer, where)
         else:
             prompt, answer = rec["prompt"], _str(rec, "completion", where)
+        if not answer.strip():  # nothing to learn but stopping at once: almost always a data bug
+            which = "the assistant turn's content" if "messages" in rec else "'completion'"
+            raise UserError(f"{where}: {which} is empty; give the answer to learn, or drop the line")
         try:
             if isinstance(prompt, str):
                 prompt, ws = split_trailing_whitespace(prompt, ASCII_WHITESPACE)
