@@ -33,7 +33,7 @@ def cmd_finetune(a) -> None:
                   lora_rank=a.lora_rank, lora_alpha=a.lora_alpha, val_frac=a.val_frac, seed=a.seed,
                   threads=a.threads, skip_long=a.skip_long or None, ckpt_interval=a.ckpt_interval,
                   parallel=a.parallel, activation_checkpointing=a.activation_checkpointing or None,
-                  noise_samples=a.noise_samples)
+                  noise_samples=a.noise_samples, rotate_noise=a.rotate_noise)
     cfg = parse(FinetuneConfig, {k: v for k, v in fields.items() if v is not None}, "unmask finetune")
     summary = finetune(a.model, a.data, a.out, cfg, device=pick_device(a.device),
                        log=(lambda *_: None) if a.json else print, resume=a.resume, time_limit=a.time_limit,
@@ -119,7 +119,8 @@ def add_training_commands(sub) -> None:
     ft.add_argument("--lora-alpha", type=float, default=None, help="adapter scale numerator (default 16)")
     ft.add_argument("--epochs", type=float, default=None, help="passes over the examples (default 3)")
     ft.add_argument("--batch-size", type=_positive_int, default=None, help="examples per step (default 8)")
-    ft.add_argument("--lr", type=float, default=None, help="peak learning rate (default 1e-3 LoRA, 5e-5 full)")
+    ft.add_argument("--lr", type=float, default=None, help="peak learning rate (default: by the model's size, "
+                                                           "2e-3 at 28M parameters to 2.5e-5 at 8B; LoRA 10x)")
     ft.add_argument("--seq-len", type=_positive_int, default=None, help="longest example (default: the context)")
     ft.add_argument("--skip-long", action="store_true", help="leave out examples over --seq-len instead of stopping")
     ft.add_argument("--val-frac", type=float, default=None, help="share held out to measure the loss (default 0.1)")
@@ -136,6 +137,9 @@ def add_training_commands(sub) -> None:
                     help="under torchrun: ddp (replicas) or fsdp (FSDP2 sharding); auto (default): ddp with several ranks")
     ft.add_argument("--noise-samples", type=_positive_int, default=None,
                     help="diffusion models: noise each example this many times per step (default 1)")
+    ft.add_argument("--rotate-noise", action=argparse.BooleanOptionalAction, default=None,
+                    help="with --noise-samples > 1: rotate one draw of token uniforms through the copies, so each "
+                         "answer token is masked in a spread of them (default off)")
     ft.add_argument("--activation-checkpointing", action="store_true",
                     help="recompute block activations in the backward pass (less memory, more compute)")
     ft.set_defaults(func=cmd_finetune)

@@ -282,7 +282,9 @@ class FinetuneConfig(Strict):
     batch_size: int = Field(8, ge=1)  # examples per optimizer step
     seq_len: int = Field(0, ge=0)  # longest example in tokens; 0 -> the model's max_seq_len
     skip_long: bool = False  # leave out longer examples (counted) instead of stopping at the first
-    lr: float = Field(0.0, ge=0.0)  # 0 -> 1e-3 with LoRA, 5e-5 for all weights
+    # 0 -> finetune: by the model's size (train/finetune.py default_lr: 2e-3 at 28M parameters, 2.5e-5
+    # at 8B; LoRA 10x); distill: 1e-3 with LoRA, 5e-5 for all weights
+    lr: float = Field(0.0, ge=0.0)
     min_lr_frac: float = Field(0.1, ge=0.0, le=1.0)  # cosine decay ends at lr * this
     warmup_frac: float = Field(0.05, ge=0.0, lt=1.0)
     weight_decay: float = Field(0.0, ge=0.0)
@@ -304,6 +306,7 @@ class FinetuneConfig(Strict):
     # diffusion objectives: each example is noised this many times per step (its copies' losses are
     # averaged), so each answer token is masked, hence learned, in more of the steps that see it
     noise_samples: int = Field(1, ge=1, le=16)
+    rotate_noise: bool = False  # the copies' uniforms rotated, not independent (train/finetune.py rotate_copies)
     diffusion: DiffusionConfig = DiffusionConfig(estimator="count")
 
     @property
