@@ -118,7 +118,7 @@ def add_training_commands(sub) -> None:
     ft.add_argument("--lora-rank", type=_positive_int, default=None, help="adapter rank (default 8)")
     ft.add_argument("--lora-alpha", type=float, default=None, help="adapter scale numerator (default 16)")
     ft.add_argument("--epochs", type=float, default=None, help="passes over the examples (default 3)")
-    ft.add_argument("--batch-size", type=_positive_int, default=None, help="examples per step (default 8)")
+    ft.add_argument("--batch-size", type=_positive_int, default=None, help="examples per step (default 4)")
     ft.add_argument("--lr", type=float, default=None, help="peak learning rate (default: by the model's size, "
                                                            "2e-3 at 28M parameters to 2.5e-5 at 8B; LoRA 10x)")
     ft.add_argument("--seq-len", type=_positive_int, default=None, help="longest example (default: the context)")
@@ -136,10 +136,10 @@ def add_training_commands(sub) -> None:
     ft.add_argument("--parallel", choices=("auto", "none", "ddp", "fsdp"), default=None,
                     help="under torchrun: ddp (replicas) or fsdp (FSDP2 sharding); auto (default): ddp with several ranks")
     ft.add_argument("--noise-samples", type=_positive_int, default=None,
-                    help="diffusion models: noise each example this many times per step (default 1)")
+                    help="diffusion models: noise each example this many times per step (default 4)")
     ft.add_argument("--rotate-noise", action=argparse.BooleanOptionalAction, default=None,
-                    help="with --noise-samples > 1: rotate one draw of token uniforms through the copies, so each "
-                         "answer token is masked in a spread of them (default off)")
+                    help="with --noise-samples > 1: spread the copies over mask levels and rotate one draw of token "
+                         "uniforms through them, so each answer token is masked in a spread of them (default on)")
     ft.add_argument("--activation-checkpointing", action="store_true",
                     help="recompute block activations in the backward pass (less memory, more compute)")
     ft.set_defaults(func=cmd_finetune)
