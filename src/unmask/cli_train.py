@@ -115,12 +115,12 @@ def add_training_commands(sub) -> None:
     ft.add_argument("--save-adapter", action="store_true",
                     help="with --lora: also write the adapters alone to OUT/adapter (load them onto the same "
                          "base with --adapter)")
-    ft.add_argument("--lora-rank", type=_positive_int, default=None, help="adapter rank (default 8)")
-    ft.add_argument("--lora-alpha", type=float, default=None, help="adapter scale numerator (default 16)")
+    ft.add_argument("--lora-rank", type=_positive_int, default=None, help="adapter rank (default 64)")
+    ft.add_argument("--lora-alpha", type=float, default=None, help="adapter scale numerator (default 128)")
     ft.add_argument("--epochs", type=float, default=None, help="passes over the examples (default 3)")
     ft.add_argument("--batch-size", type=_positive_int, default=None, help="examples per step (default 4)")
     ft.add_argument("--lr", type=float, default=None, help="peak learning rate (default: by the model's size, "
-                                                           "2e-3 at 28M parameters to 2.5e-5 at 8B; LoRA 10x)")
+                                                           "2e-3 at 28M parameters to 2.5e-5 at 8B; LoRA 2e-3 to 2e-4)")
     ft.add_argument("--seq-len", type=_positive_int, default=None, help="longest example (default: the context)")
     ft.add_argument("--skip-long", action="store_true", help="leave out examples over --seq-len instead of stopping")
     ft.add_argument("--val-frac", type=float, default=None, help="share held out to measure the loss (default 0.1)")

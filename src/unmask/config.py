@@ -285,15 +285,17 @@ class FinetuneConfig(Strict):
     seq_len: int = Field(0, ge=0)  # longest example in tokens; 0 -> the model's max_seq_len
     skip_long: bool = False  # leave out longer examples (counted) instead of stopping at the first
     # 0 -> finetune: by the model's size (train/finetune.py default_lr: 2e-3 at 28M parameters, 2.5e-5
-    # at 8B; LoRA 10x); distill: 1e-3 with LoRA, 5e-5 for all weights
+    # at 8B; LoRA 2e-3 to 2e-4); distill: 1e-3 with LoRA, 5e-5 for all weights
     lr: float = Field(0.0, ge=0.0)
     min_lr_frac: float = Field(0.1, ge=0.0, le=1.0)  # cosine decay ends at lr * this
     warmup_frac: float = Field(0.05, ge=0.0, lt=1.0)
     weight_decay: float = Field(0.0, ge=0.0)
     grad_clip: float = Field(1.0, gt=0.0)
     lora: bool = False  # train low-rank adapters (peft) and merge them into the saved weights
-    lora_rank: int = Field(8, ge=1)
-    lora_alpha: float = Field(16.0, gt=0.0)
+    # rank 64 (as QLoRA on 7-65B models), scale alpha / rank = 2. bench/facts.py, 200 facts, lr 2e-3:
+    # rank 8 taught 13, rank 64 128, rank 256 3 (unstable at that rate)
+    lora_rank: int = Field(64, ge=1)
+    lora_alpha: float = Field(128.0, gt=0.0)
     lora_dropout: float = Field(0.0, ge=0.0, lt=1.0)
     # every linear layer of the blocks; the LM head is tied to the embedding and stays as it is
     lora_targets: list[str] = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -326,6 +328,8 @@ class DistillConfig(FinetuneConfig):
     epochs: float = Field(2.0, gt=0.0)
     batch_size: int = Field(8, ge=1)
     noise_samples: int = Field(1, ge=1, le=16)  # distill's loss draws its own masks (train/distill.py)
+    lora_rank: int = Field(8, ge=1)
+    lora_alpha: float = Field(16.0, gt=0.0)
     val_frac: float = Field(0.05, ge=0.0, lt=1.0)
     prompts: int = Field(512, ge=2)  # teacher prompts drawn from the corpus's train split
     fim_frac: float = Field(0.25, ge=0.0, le=1.0)  # share of them fill-in-the-middle (1-3 lines cut out)
