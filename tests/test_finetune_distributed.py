@@ -16,7 +16,8 @@ import unmask
 from test_finetune import FACTS, small, write_jsonl
 
 pytestmark = pytest.mark.timeout(600)
-ARGS = ["--val-frac", "0", "--epochs", "6", "--batch-size", "4", "--lr", "3e-3", "--threads", "1", "--json"]
+ARGS = ["--val-frac", "0", "--epochs", "6", "--batch-size", "4", "--lr", "3e-3", "--noise-samples", "2", "--threads", "1",
+        "--json"]  # 2 rotated noise copies: their layout over the global batch must survive sharding too
 
 
 @pytest.fixture(scope="module")
