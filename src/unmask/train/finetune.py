@@ -167,11 +167,7 @@ class Checkpoints:
             if theirs.get(key) != self.fingerprint[key]:
                 raise UserError(f"--resume: {ck} was written by another fine-tune ({key} differs); resume with the "
                                 "same --model, --data and settings, or choose another --out")
-        from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
-
-        names = get_optimizer_state_dict(net, opt)["param_groups"]  # each group's parameter names, as set_state_dict wants
-        groups = [{**g, "params": n["params"]} for g, n in zip(meta["param_groups"], names)]
-        parallel.load_full_state(net, opt, model, optim, groups)
+        parallel.load_full_state(net, opt, model, optim, meta["param_groups"])
         b = meta["batches"]
         batches.order = list(b["order"])
         batches.rng.setstate((b["rng"][0], tuple(b["rng"][1]), b["rng"][2]))

@@ -76,26 +76,17 @@ def save_adapter(state: dict, out, *, base: str, fingerprint: str, rank: int, al
     """`adapter_state` alone (peft's file names: adapter_model.safetensors, adapter_config.json with our
     base-model record), written atomically into the directory `out`."""
     import json
-    import os
-    import shutil
-    import tempfile
     from pathlib import Path
 
     from safetensors.torch import save_file
 
-    out = Path(out)
-    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}."))
-    try:
+    from ..fsutil import staged_dir
+
+    with staged_dir(Path(out)) as tmp:
         save_file(state, tmp / ADAPTER_WEIGHTS)
         (tmp / ADAPTER_CONFIG).write_text(json.dumps({
             "peft_type": "LORA", "r": rank, "lora_alpha": alpha, "target_modules": targets, "bias": "none",
             "base_model_name_or_path": base, "unmask_base_fingerprint": fingerprint}, indent=1) + "\n")
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
 
 
 def load_adapter(net: nn.Module, adapter_dir, base_name: str = "the model") -> int:

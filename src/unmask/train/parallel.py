@@ -115,8 +115,11 @@ def full_state(net: nn.Module, opt: torch.optim.Optimizer) -> tuple[dict, dict]:
 
 
 def load_full_state(net: nn.Module, opt: torch.optim.Optimizer, model: dict, optim_state: dict, groups: list) -> None:
-    """The inverse of `full_state`: every rank passes the full tensors; each keeps its shard."""
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
+    """The inverse of `full_state`: every rank passes the full tensors; each keeps its shard. groups:
+    the saved param_groups without their "params" (each group's parameter names are taken from `opt`)."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict, set_state_dict
 
+    names = get_optimizer_state_dict(net, opt)["param_groups"]  # each group's parameter names, as set_state_dict wants
+    groups = [{**g, "params": n["params"]} for g, n in zip(groups, names)]
     set_state_dict(net, opt, model_state_dict=model, optim_state_dict={"state": optim_state, "param_groups": groups},
                    options=StateDictOptions(full_state_dict=True, strict=False))

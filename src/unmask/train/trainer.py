@@ -265,7 +265,6 @@ def _save(root: Path, step: int, net, opt, ema, extra: dict, d) -> None:
 
 def _restore(ck: Path, net, opt, ema) -> int:
     """Load checkpoint `ck` into the (possibly sharded) model, optimizer and EMA; the step it was at."""
-    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
     from safetensors.torch import load_file
 
     if "optimizer" in json.loads((ck / "trainer.json").read_text()):  # the parameter-id format of earlier versions
@@ -282,9 +281,7 @@ def _restore(ck: Path, net, opt, ema) -> int:
         k = (bad or extra)[0]
         raise UserError(f"{ck}: checkpoint does not match the model in the config ({k}: {got.get(k)} in the "
                         f"checkpoint, {want.get(k)} in the config); resume with the config it was trained with")
-    names = get_optimizer_state_dict(net, opt)["param_groups"]  # each group's parameter names
-    groups = [{**g, "params": n["params"]} for g, n in zip(meta["param_groups"], names)]
-    parallel.load_full_state(net, opt, model_state, optim, groups)
+    parallel.load_full_state(net, opt, model_state, optim, meta["param_groups"])
     if ema is not None:
         if not (ck / "ema.safetensors").exists():
             raise UserError(f"{ck}: has no EMA state but the config sets train.ema; resume with the config it "
